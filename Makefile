@@ -1,0 +1,43 @@
+# kubetune — the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+# This workplace keeps the CPU wheel of torch in pip's find-links folder; read it from pip's
+# config instead of hard-coding it, so a machine without that folder still installs (from PyPI).
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-fast lint clean
+
+help: ## Show the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## Create .venv and install kubetune with everything its tests need.
+
+# uv resolves this stack in seconds where pip backtracks for minutes; it lives inside the venv so
+# nothing outside the repository is touched. DS_BUILD_OPS=0: DeepSpeed compiles its CPU op lazily.
+$(VENV)/.installed: pyproject.toml
+	@command -v ip >/dev/null && command -v unshare >/dev/null || { \
+	  echo "installing iproute2 and util-linux (pod networking of the embedded cluster)"; \
+	  apt-get update -qq && apt-get install -y -qq iproute2 util-linux >/dev/null; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	DS_BUILD_OPS=0 VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install --quiet $(UV_FLAGS) -e '.[test]'
+	touch $@
+
+demo: install ## Start the embedded cluster, run examples/quickstart.yaml to Succeeded, stop everything.
+	$(BIN)/kubetune demo
+
+test: install ## Run the whole test suite (unit, embedded-cluster component tests, end to end).
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install ## Unit tests only (no cluster, no training).
+	$(BIN)/pytest -m "not e2e" tests/operator tests/localcluster/test_schema.py tests/localcluster/test_tables.py $(PYTEST_ARGS)
+
+clean: ## Stop a local cluster left running and remove build leftovers.
+	-$(BIN)/kubetune local down
+	rm -rf .kubetune .pytest_cache

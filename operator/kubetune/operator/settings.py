@@ -1,0 +1,62 @@
+"""Operator-wide settings, read once from environment variables (set by the Helm chart or
+``kubetune local up``). Per-job choices live in the FineTuneJob; these are the platform defaults.
+
+=================================  =========================  ==================================
+Variable                           Default                    Meaning
+=================================  =========================  ==================================
+KUBETUNE_S3_ENDPOINT               (unset = AWS)              S3 endpoint for jobs whose
+                                                              spec.storage.endpoint is absent
+KUBETUNE_TRAINER_IMAGE             kubetune/trainer:0.1.0     image for jobs that keep the CRD's
+                                                              default spec.workers.image
+KUBETUNE_NAMESPACE                 (unset = all namespaces)   namespace the operator watches
+KUBETUNE_TRAINER_METRICS_PORT      9400                       port rank 0 serves /metrics on
+KUBETUNE_LIVENESS_PORT             (unset = off)              operator /healthz port
+=================================  =========================  ==================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# The CRD's default for spec.workers.image; a job that keeps it gets the platform's image.
+CRD_DEFAULT_TRAINER_IMAGE = "kubetune/trainer:0.1.0"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    s3_endpoint: str | None = None
+    trainer_image: str = CRD_DEFAULT_TRAINER_IMAGE
+    namespace: str | None = None
+    trainer_metrics_port: int = 9400
+    liveness_port: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if environ is None else environ
+        return cls(
+            s3_endpoint=_text(env, "KUBETUNE_S3_ENDPOINT"),
+            trainer_image=_text(env, "KUBETUNE_TRAINER_IMAGE") or CRD_DEFAULT_TRAINER_IMAGE,
+            namespace=_text(env, "KUBETUNE_NAMESPACE"),
+            trainer_metrics_port=_port(env, "KUBETUNE_TRAINER_METRICS_PORT") or 9400,
+            liveness_port=_port(env, "KUBETUNE_LIVENESS_PORT"),
+        )
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    raw = _text(env, name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise SettingsError(f"{name}={raw!r} is not a port number; set it to 1..65535 or unset it")
+    return int(raw)

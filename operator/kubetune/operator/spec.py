@@ -1,0 +1,152 @@
+"""Typed FineTuneJob spec, mirroring ``crds/finetunejob.yaml`` (the one source of truth).
+
+The API server already validates and defaults the object with the CRD schema; parsing it again
+here gives the builders typed access and re-checks the cross-field rules that CEL would enforce,
+because a server that does not evaluate CEL must not let a bad job reach the workers.
+tests/operator/test_crd_model_consistency.py keeps this file and the CRD in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+HTTP_URL_PATTERN = r"^https?://[^\s/]+(/.*)?$"
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# Pod names are "<job>-worker-<index>" and must stay DNS labels (63 characters).
+MAX_JOB_NAME_LENGTH = 52
+
+
+class _Model(BaseModel):
+    # extra="forbid": a field the CRD does not define is a typo the user should hear about.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True, extra="forbid")
+
+
+class ModelSource(_Model):
+    uri: str = Field(pattern=S3_URI_PATTERN)
+
+
+class Dataset(_Model):
+    uri: str = Field(pattern=S3_URI_PATTERN)
+    format: Literal["text", "chat", "instruction"] = "text"
+    text_field: str = Field(default="text", min_length=1)
+    messages_field: str = Field(default="messages", min_length=1)
+    prompt_field: str = Field(default="prompt", min_length=1)
+    response_field: str = Field(default="response", min_length=1)
+    validation_split: float = Field(default=0.0, ge=0, le=0.5)
+
+
+class Lora(_Model):
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.05, ge=0, le=1)
+    target_modules: tuple[str, ...] = Field(default=("q_proj", "v_proj"), min_length=1)
+
+
+class Training(_Model):
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    micro_batch_size: int = Field(default=4, ge=1)
+    global_batch_size: int = Field(default=8, ge=1)
+    sequence_length: int = Field(default=512, ge=16)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every_steps: int = Field(default=1, ge=1)
+
+
+class DeepSpeed(_Model):
+    zero_stage: Literal[1, 2, 3] = 2
+    offload: Literal["none", "cpu"] = "none"
+
+
+class Resources(_Model):
+    limits: dict[str, int | str] | None = None
+    requests: dict[str, int | str] | None = None
+
+
+class Workers(_Model):
+    replicas: int = Field(default=1, ge=1, le=64)
+    gpus_per_worker: int = Field(default=0, ge=0, le=16)
+    image: str = Field(default="kubetune/trainer:0.1.0", min_length=1)
+    resources: Resources | None = None
+
+    @property
+    def processes_per_worker(self) -> int:
+        """torchrun --nproc-per-node: one per GPU, or one CPU process."""
+        return max(self.gpus_per_worker, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.replicas * self.processes_per_worker
+
+
+class Output(_Model):
+    adapter_uri: str = Field(pattern=S3_URI_PATTERN)
+
+
+class Storage(_Model):
+    endpoint: str | None = Field(default=None, pattern=HTTP_URL_PATTERN)
+    region: str = Field(default="us-east-1", min_length=1)
+    credentials_secret: str | None = Field(default=None, pattern=SECRET_NAME_PATTERN, max_length=253)
+
+
+class FineTuneJobSpec(_Model):
+    model: ModelSource
+    dataset: Dataset
+    lora: Lora = Lora()
+    training: Training = Training()
+    deepspeed: DeepSpeed = DeepSpeed()
+    workers: Workers = Workers()
+    output: Output
+    storage: Storage = Storage()
+
+    @model_validator(mode="after")
+    def _global_batch_divides_evenly(self) -> FineTuneJobSpec:
+        step = self.training.micro_batch_size * self.workers.world_size
+        if self.training.global_batch_size % step:
+            raise ValueError(
+                f"spec.training.globalBatchSize ({self.training.global_batch_size}) must be a "
+                f"multiple of spec.training.microBatchSize * spec.workers.replicas * "
+                f"max(spec.workers.gpusPerWorker, 1) = {self.training.micro_batch_size} * "
+                f"{self.workers.replicas} * {self.workers.processes_per_worker} = {step}; "
+                f"change globalBatchSize, microBatchSize or the worker count"
+            )
+        return self
+
+
+class InvalidSpecError(ValueError):
+    """The FineTuneJob cannot run as written; the message names each field and the fix."""
+
+
+def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
+    """Parse a FineTuneJob ``spec`` (as the API server stores it) into the typed model."""
+    try:
+        return FineTuneJobSpec.model_validate(dict(spec))
+    except ValidationError as error:
+        raise InvalidSpecError(describe_validation_error(error)) from None
+
+
+def check_job_name(name: str) -> None:
+    """Mirror of the CRD's metadata.name CEL rule, for servers that do not evaluate CEL."""
+    if len(name) > MAX_JOB_NAME_LENGTH:
+        raise InvalidSpecError(
+            f"metadata.name {name!r} is {len(name)} characters; at most "
+            f"{MAX_JOB_NAME_LENGTH} keep worker pod names valid DNS labels: choose a shorter name"
+        )
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, each naming the field as a user writes it (spec.a.b)."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        if problem["type"] == "value_error" and not problem["loc"]:
+            # Cross-field rules already name their fields.
+            lines.append(str(problem["ctx"]["error"]))
+            continue
+        where = ".".join(str(part) for part in ("spec", *problem["loc"]))
+        lines.append(f"{where}: {problem['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,227 @@
+"""Pure status derivation: job + observed worker pods -> FineTuneJob ``status``.
+
+Phases: Pending until every worker runs, Running, Succeeded when every worker exited 0,
+Failed when any worker failed or a worker vanished after the job started running. Succeeded
+and Failed are final. Conditions keep their lastTransitionTime while their status is unchanged,
+so a re-derived status with nothing new equals the stored one (no needless patches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from kubetune.operator.manifests import CONTAINER_NAME, REPLICA_INDEX_LABEL, pod_name
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+FINAL_PHASES = ("Succeeded", "Failed")
+CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class PodObservation:
+    """What the status needs from one worker pod."""
+
+    name: str
+    replica_index: int
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    exit_code: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+def observe_pod(pod: dict[str, Any]) -> PodObservation:
+    """Read a worker pod (as the API returns it) into a PodObservation."""
+    metadata = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    exit_code = reason = message = None
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") != CONTAINER_NAME:
+            continue
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            exit_code = terminated.get("exitCode")
+            reason = terminated.get("reason")
+            message = terminated.get("message")
+    return PodObservation(
+        name=metadata.get("name", ""),
+        replica_index=int((metadata.get("labels") or {}).get(REPLICA_INDEX_LABEL, -1)),
+        phase=status.get("phase") or "Pending",
+        exit_code=exit_code,
+        reason=reason or status.get("reason"),
+        message=message or status.get("message"),
+    )
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def initial_status(generation: int, now: datetime) -> dict[str, Any]:
+    """Status right after the operator created a job's children."""
+    return _assemble(
+        phase="Pending",
+        message="worker pods created; waiting for all of them to run",
+        generation=generation,
+        created=True,
+        counts={"active": 0, "succeeded": 0, "failed": 0},
+        previous={},
+        now=now,
+    )
+
+
+def failed_status(
+    previous: dict[str, Any] | None, generation: int, reason: str, message: str, now: datetime
+) -> dict[str, Any]:
+    """Failed before or without workers, e.g. a spec the operator cannot run."""
+    previous = previous or {}
+    return _assemble(
+        phase="Failed",
+        message=message,
+        generation=generation,
+        created=_was_created(previous),
+        counts=previous.get("workers") or {"active": 0, "succeeded": 0, "failed": 0},
+        previous=previous,
+        now=now,
+        reason=reason,
+    )
+
+
+def derive_status(
+    *,
+    replicas: int,
+    adapter_uri: str,
+    generation: int,
+    pods: list[PodObservation],
+    previous: dict[str, Any] | None,
+    now: datetime,
+    job_name: str,
+) -> dict[str, Any]:
+    """The job's new status from its pods; ``previous`` is the stored status (or None)."""
+    previous = previous or {}
+    if previous.get("phase") in FINAL_PHASES:
+        return previous
+    by_index = {pod.replica_index: pod for pod in pods if 0 <= pod.replica_index < replicas}
+    counts = {
+        "active": sum(pod.phase in ("Pending", "Running", "Unknown") for pod in by_index.values()),
+        "succeeded": sum(pod.phase == "Succeeded" for pod in by_index.values()),
+        "failed": sum(pod.phase == "Failed" for pod in by_index.values()),
+    }
+    started = previous.get("phase") == "Running" or bool(previous.get("startTime"))
+    missing = [pod_name(job_name, index) for index in range(replicas) if index not in by_index]
+    failed = sorted((pod for pod in by_index.values() if pod.phase == "Failed"), key=lambda p: p.replica_index)
+    reason = None
+    adapter = None
+    if failed:
+        phase, reason, message = "Failed", "WorkerFailed", "; ".join(_describe_failure(pod) for pod in failed)
+    elif missing and started:
+        phase, reason = "Failed", "WorkerMissing"
+        message = f"worker pod {', '.join(missing)} disappeared while the job was running"
+    elif not missing and counts["succeeded"] == replicas:
+        phase, message, adapter = "Succeeded", f"adapter published to {adapter_uri}", adapter_uri
+    elif not missing and all(pod.phase in ("Running", "Succeeded") for pod in by_index.values()):
+        phase, message = "Running", f"all {replicas} workers running"
+    else:
+        waiting = replicas - sum(pod.phase in ("Running", "Succeeded") for pod in by_index.values())
+        phase, message = "Pending", f"waiting for {waiting} of {replicas} workers to run"
+    return _assemble(
+        phase=phase,
+        message=message,
+        generation=generation,
+        created=bool(pods) or _was_created(previous),
+        counts=counts,
+        previous=previous,
+        now=now,
+        reason=reason,
+        adapter_uri=adapter,
+    )
+
+
+def _describe_failure(pod: PodObservation) -> str:
+    text = f"worker pod {pod.name} failed"
+    if pod.exit_code is not None:
+        text += f" with exit code {pod.exit_code}"
+    if pod.reason:
+        text += f" ({pod.reason})"
+    if pod.message:
+        text += f": {pod.message.strip().splitlines()[-1]}"
+    return text
+
+
+def _was_created(previous: dict[str, Any]) -> bool:
+    return any(
+        condition.get("type") == "Created" and condition.get("status") == "True"
+        for condition in previous.get("conditions") or []
+    )
+
+
+def _assemble(
+    *,
+    phase: Phase,
+    message: str,
+    generation: int,
+    created: bool,
+    counts: dict[str, int],
+    previous: dict[str, Any],
+    now: datetime,
+    reason: str | None = None,
+    adapter_uri: str | None = None,
+) -> dict[str, Any]:
+    stamp = format_time(now)
+    wanted = {
+        "Created": (
+            created,
+            "ResourcesCreated" if created else "ResourcesNotCreated",
+            "config map, service and worker pods created" if created else "children not created yet",
+        ),
+        "Running": (phase == "Running", _running_reason(phase), message),
+        "Succeeded": (
+            phase == "Succeeded",
+            "AdapterPublished" if phase == "Succeeded" else "NotFinished",
+            message if phase == "Succeeded" else "the job has not succeeded",
+        ),
+        "Failed": (phase == "Failed", reason or "NoFailure", message if phase == "Failed" else "no worker failed"),
+    }
+    old = {condition.get("type"): condition for condition in previous.get("conditions") or []}
+    conditions = []
+    for kind in CONDITION_TYPES:
+        truth, why, detail = wanted[kind]
+        state = "True" if truth else "False"
+        before = old.get(kind) or {}
+        conditions.append(
+            {
+                "type": kind,
+                "status": state,
+                "reason": why,
+                "message": detail,
+                "lastTransitionTime": before.get("lastTransitionTime", stamp)
+                if before.get("status") == state
+                else stamp,
+                "observedGeneration": generation,
+            }
+        )
+    status: dict[str, Any] = {
+        "phase": phase,
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "workers": counts,
+    }
+    start = previous.get("startTime") or (stamp if phase in ("Running", "Succeeded") else None)
+    if start:
+        status["startTime"] = start
+    if phase in FINAL_PHASES:
+        status["completionTime"] = previous.get("completionTime") or stamp
+    if adapter_uri:
+        status["adapter"] = {"uri": adapter_uri}
+    return status
+
+
+def _running_reason(phase: Phase) -> str:
+    return {
+        "Pending": "WaitingForWorkers",
+        "Running": "AllWorkersRunning",
+        "Succeeded": "Completed",
+        "Failed": "Failed",
+    }[phase]

@@ -1,0 +1,171 @@
+"""End to end, as a user runs it: real kubectl against the embedded cluster, the operator as its
+own process, worker pods running torchrun + DeepSpeed, data and adapter in the embedded S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+import pytest
+import yaml
+from botocore.config import Config
+
+from kubetune.demo import (
+    DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Kubectl, create_credentials_secret, find_repo_root,
+    follow_job, install_crd, local_cluster, running_operator, upload_demo_data,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+REPO = find_repo_root(Path(__file__).resolve().parent)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster")
+    with local_cluster(state) as cluster:
+        kubectl = Kubectl(cluster.kubeconfig)
+        upload_demo_data(cluster.s3_endpoint)
+        install_crd(kubectl, REPO)
+        create_credentials_secret(kubectl)
+        s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id=DEMO_ACCESS_KEY, aws_secret_access_key=DEMO_SECRET_KEY,
+                          config=Config(s3={"addressing_style": "path"}))
+        with running_operator(cluster, state / "operator.log"):
+            yield SimpleNamespace(cluster=cluster, kubectl=kubectl, s3=s3, state=state)
+
+
+def _manifest(path: Path, **spec_overrides) -> str:
+    job = yaml.safe_load(path.read_text())
+    for dotted, value in spec_overrides.items():
+        node = job
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return yaml.safe_dump(job)
+
+
+def _pids_of_job(job_name: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if f"--master-addr={job_name}-worker-0." in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("bad, field", [
+    ("replicas-zero.yaml", "spec.workers.replicas"),
+    ("zero-stage-5.yaml", "spec.deepspeed.zeroStage"),
+    ("no-dataset-uri.yaml", "spec.dataset.uri"),
+    ("not-s3-uri.yaml", "uri"),
+])
+def test_bad_manifest_is_refused_naming_the_field(stack, bad, field):
+    result = stack.kubectl.run("apply", "-f", str(REPO / "examples" / "bad" / bad), check=False)
+    assert result.returncode != 0
+    assert field in result.stderr
+    assert "is invalid" in result.stderr
+
+
+def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
+    kubectl, s3 = stack.kubectl, stack.s3
+    applied = kubectl.run("apply", "-f", str(REPO / "examples" / "quickstart.yaml"))
+    assert "finetunejob.kubetune.dev/quickstart created" in applied.stdout
+
+    job = follow_job(kubectl, "quickstart", timeout=1200, echo=False)
+    status = job["status"]
+    assert status["phase"] == "Succeeded", status
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+    assert status["adapter"]["uri"] == "s3://adapters/quickstart/"
+
+    table = kubectl.run("get", "ftj").stdout
+    assert table.split("\n")[0].split()[:2] == ["NAME", "PHASE"]
+    assert "quickstart" in table and "Succeeded" in table
+
+    pods = kubectl.run("get", "pods", "-l", "kubetune.dev/job-name=quickstart").stdout
+    assert pods.count("Completed") == 2, pods
+
+    described = kubectl.run("describe", "ftj", "quickstart").stdout
+    assert "Events:" in described and "Succeeded" in described
+
+    logs = kubectl.run("logs", "quickstart-worker-0").stdout
+    assert "loss" in logs
+
+    # The manifest lists every published file with its sha256, and is written last.
+    listing = s3.list_objects_v2(Bucket="adapters", Prefix="quickstart/")["Contents"]
+    objects = {o["Key"]: o for o in listing}
+    manifest = json.loads(s3.get_object(Bucket="adapters", Key="quickstart/manifest.json")["Body"].read())
+    assert manifest["files"], manifest
+    for entry in manifest["files"]:
+        key = "quickstart/" + entry["path"]
+        body = s3.get_object(Bucket="adapters", Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"], key
+        assert objects[key]["LastModified"] <= objects["quickstart/manifest.json"]["LastModified"]
+
+    # The adapter loads onto the base model with PEFT and changes its output.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = stack.state / "downloaded"
+    for bucket, prefix in (("models", "tiny-llama/"), ("adapters", "quickstart/")):
+        for obj in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]:
+            target = local / bucket / obj["Key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+    base_dir, adapter_dir = local / "models" / "tiny-llama", local / "adapters" / "quickstart"
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    inputs = tokenizer("the quick brown fox", return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        before = base(**inputs).logits
+    tuned = PeftModel.from_pretrained(base, adapter_dir)
+    with torch.no_grad():
+        after = tuned(**inputs).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+    # Deleting the job removes every child.
+    kubectl.run("delete", "ftj", "quickstart")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [kind for kind in ("pods", "services", "configmaps")
+                if kubectl.run("get", kind, "-l", "kubetune.dev/job-name=quickstart", "-o", "name").stdout.strip()]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"children left after delete: {left}"
+
+
+def test_deleting_a_running_job_stops_its_processes(stack):
+    kubectl = stack.kubectl
+    long_job = _manifest(REPO / "examples" / "quickstart.yaml", metadata__name="long-run",
+                         spec__training__maxSteps=100000, spec__training__epochs=1000,
+                         spec__output__adapterUri="s3://adapters/long-run/")
+    kubectl.run("apply", "-f", "-", input=long_job)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        phase = kubectl.json("get", "ftj", "long-run").get("status", {}).get("phase")
+        if phase == "Running" and len(_pids_of_job("long-run")) >= 2:
+            break
+        assert phase not in ("Failed", "Succeeded"), phase
+        time.sleep(1)
+    assert _pids_of_job("long-run"), "workers never started"
+
+    kubectl.run("delete", "ftj", "long-run")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (_pids_of_job("long-run") or kubectl.run(
+            "get", "pods", "-l", "kubetune.dev/job-name=long-run", "-o", "name").stdout.strip()):
+        time.sleep(0.5)
+    assert _pids_of_job("long-run") == []
+    assert kubectl.run("get", "pods", "-l", "kubetune.dev/job-name=long-run", "-o", "name").stdout.strip() == ""

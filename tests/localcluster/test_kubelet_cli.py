@@ -1,0 +1,87 @@
+"""`kubetune local up --detach` / `down` / `status`, and recovery from a crashed cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from conftest_kubelet import KUBECTL, container_pid, pid_alive, pod_manifest, wait_for
+
+from kubetune.localcluster import leftovers
+
+
+def _local(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kubetune.localcluster", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def _kubectl(state: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KUBECTL, "--kubeconfig", str(state / "kubeconfig"), *args],
+                          input=input, capture_output=True, text=True, timeout=60)
+
+
+def _start_sleeper(state: Path) -> int:
+    import yaml
+
+    _kubectl(state, "apply", "-f", "-", input=yaml.safe_dump(pod_manifest("sleeper", ["sleep", "600"])))
+
+    def running_pid() -> int | None:
+        result = _kubectl(state, "get", "pod", "sleeper", "-o", "json")
+        pod = json.loads(result.stdout) if result.returncode == 0 else {}
+        return container_pid(pod) if pod.get("status", {}).get("phase") == "Running" else None
+
+    return wait_for(running_pid, "the sleeper pod to run")
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[Path]:
+    """A state folder whose cluster is always stopped, even when the test fails."""
+    yield tmp_path
+    info_path = tmp_path / "cluster.json"
+    if info_path.exists():
+        _local("down", "--dir", str(tmp_path))
+
+
+def test_up_detach_then_down_leaves_nothing_behind(state: Path) -> None:
+    up = _local("up", "--detach", "--dir", str(state))
+    assert up.returncode == 0, up.stderr
+    assert f"export KUBECONFIG={state / 'kubeconfig'}" in up.stdout
+    info = json.loads((state / "cluster.json").read_text())
+    assert info["s3ClusterEndpoint"].startswith("http://s3.kubetune-system.svc.cluster.local:")
+    assert _kubectl(state, "get", "nodes").stdout.count("kubetune-local") == 1
+    assert "ready" in _local("status", "--dir", str(state)).stdout
+    pod_pid = _start_sleeper(state)
+
+    down = _local("down", "--dir", str(state))
+
+    assert down.returncode == 0, down.stderr
+    assert not pid_alive(info["pid"])
+    assert not pid_alive(pod_pid)
+    assert not (state / "cluster.json").exists()
+    assert leftovers.leftovers(info["prefix"]) == {"processes": [], "netns": [], "links": []}
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert info["prefix"] not in netns and info["prefix"] not in links
+    again = _local("down", "--dir", str(state))
+    assert again.returncode == 0 and "no local cluster running" in again.stdout
+
+
+def test_next_up_cleans_a_crashed_clusters_leftovers(state: Path) -> None:
+    assert _local("up", "--detach", "--dir", str(state)).returncode == 0
+    crashed = json.loads((state / "cluster.json").read_text())
+    _start_sleeper(state)
+    os.kill(crashed["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(crashed["pid"]), "the cluster process to die")
+    assert leftovers.leftovers(crashed["prefix"])["links"], "a killed cluster leaves its bridge behind"
+
+    up = _local("up", "--detach", "--dir", str(state))
+
+    assert up.returncode == 0, up.stderr
+    assert leftovers.leftovers(crashed["prefix"]) == {"processes": [], "netns": [], "links": []}
+    assert json.loads((state / "cluster.json").read_text())["prefix"] != crashed["prefix"]

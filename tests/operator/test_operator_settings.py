@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+from kubetune.operator.settings import OperatorSettings, SettingsError
+
+
+def test_defaults_without_environment() -> None:
+    settings = OperatorSettings.from_env({})
+    assert settings == OperatorSettings(
+        s3_endpoint=None,
+        trainer_image="kubetune/trainer:0.1.0",
+        namespace=None,
+        trainer_metrics_port=9400,
+        liveness_port=None,
+    )
+
+
+def test_values_from_environment() -> None:
+    settings = OperatorSettings.from_env(
+        {
+            "KUBETUNE_S3_ENDPOINT": "http://s3.kubetune-system.svc.cluster.local:9000",
+            "KUBETUNE_TRAINER_IMAGE": "registry.example/trainer:1.2",
+            "KUBETUNE_NAMESPACE": "ml",
+            "KUBETUNE_TRAINER_METRICS_PORT": "9500",
+            "KUBETUNE_LIVENESS_PORT": "8080",
+        }
+    )
+    assert settings.s3_endpoint == "http://s3.kubetune-system.svc.cluster.local:9000"
+    assert settings.trainer_image == "registry.example/trainer:1.2"
+    assert settings.namespace == "ml"
+    assert settings.trainer_metrics_port == 9500
+    assert settings.liveness_port == 8080
+
+
+def test_empty_namespace_means_all_namespaces() -> None:
+    assert OperatorSettings.from_env({"KUBETUNE_NAMESPACE": ""}).namespace is None
+
+
+@pytest.mark.parametrize("value", ["http", "0", "70000"])
+def test_bad_port_names_the_variable(value: str) -> None:
+    with pytest.raises(SettingsError, match="KUBETUNE_LIVENESS_PORT"):
+        OperatorSettings.from_env({"KUBETUNE_LIVENESS_PORT": value})

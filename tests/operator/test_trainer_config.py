@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+from crd_tools import EXAMPLES, load_manifest, minimal_spec
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.spec import parse_spec
+from kubetune.operator.trainer_config import JobRef, build_trainer_config, render_trainer_config
+
+QUICKSTART = JobRef(name="quickstart", namespace="default", uid="u-1")
+
+
+def test_quickstart_renders_the_documented_config() -> None:
+    spec = parse_spec(load_manifest(EXAMPLES / "quickstart.yaml")["spec"])
+    settings = OperatorSettings(s3_endpoint="http://s3.kubetune-system.svc.cluster.local:9000")
+    assert yaml.safe_load(render_trainer_config(QUICKSTART, spec, settings)) == {
+        "schemaVersion": 1,
+        "job": {"namespace": "default", "name": "quickstart", "uid": "u-1"},
+        "model": {"uri": "s3://models/tiny-llama/"},
+        "dataset": {
+            "uri": "s3://datasets/quickstart/train.jsonl",
+            "format": "text",
+            "textField": "text",
+            "messagesField": "messages",
+            "promptField": "prompt",
+            "responseField": "response",
+            "validationSplit": 0.0,
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["q_proj", "v_proj"]},
+        "training": {
+            "epochs": 1,
+            "maxSteps": 30,
+            "learningRate": 0.001,
+            "microBatchSize": 4,
+            "globalBatchSize": 8,
+            "sequenceLength": 128,
+            "seed": 42,
+            "precision": "auto",
+            "logEverySteps": 1,
+        },
+        "deepspeed": {"zeroStage": 2, "offload": "none"},
+        "output": {"adapterUri": "s3://adapters/quickstart/"},
+        "storage": {"endpoint": "http://s3.kubetune-system.svc.cluster.local:9000", "region": "us-east-1"},
+        "metrics": {"port": 9400},
+    }
+
+
+def test_job_endpoint_wins_over_operator_default() -> None:
+    spec = parse_spec(minimal_spec(storage={"endpoint": "https://s3.example", "region": "eu-west-1"}))
+    config = build_trainer_config(QUICKSTART, spec, OperatorSettings(s3_endpoint="http://local:9000"))
+    assert config["storage"] == {"endpoint": "https://s3.example", "region": "eu-west-1"}
+
+
+def test_no_endpoint_anywhere_means_aws() -> None:
+    config = build_trainer_config(QUICKSTART, parse_spec(minimal_spec()), OperatorSettings())
+    assert config["storage"]["endpoint"] is None
+    assert (
+        yaml.safe_load(render_trainer_config(QUICKSTART, parse_spec(minimal_spec()), OperatorSettings()))["training"][
+            "maxSteps"
+        ]
+        is None
+    )
+
+
+def test_credentials_secret_never_reaches_the_config() -> None:
+    spec = parse_spec(minimal_spec(storage={"credentialsSecret": "s3-credentials"}))
+    text = render_trainer_config(QUICKSTART, spec, OperatorSettings())
+    assert "s3-credentials" not in text
+    assert "AWS_" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "dataset": {"uri": "s3://datasets/chat.jsonl", "format": "chat", "validationSplit": 0.1},
+            "training": {"precision": "bf16", "maxSteps": 5, "microBatchSize": 2, "globalBatchSize": 16},
+            "deepspeed": {"zeroStage": 3, "offload": "cpu"},
+            "storage": {"endpoint": "https://s3.example:9000", "region": "eu-west-1"},
+        },
+    ],
+)
+def test_rendered_config_is_accepted_by_the_trainer(overrides: dict) -> None:
+    # The config is the only contract between operator and trainer: the trainer's own parser
+    # (unknown keys are an error there) must accept whatever the operator renders.
+    from kubetune.trainer.config import parse_config
+
+    spec = parse_spec(minimal_spec(**overrides))
+    rendered = yaml.safe_load(render_trainer_config(QUICKSTART, spec, OperatorSettings()))
+    parsed = parse_config(rendered)
+    assert parsed.to_document() == rendered

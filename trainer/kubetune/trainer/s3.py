@@ -1,0 +1,146 @@
+"""S3 access for the trainer: one boto3 client, download a prefix or a file, upload a file.
+
+Credentials come from boto3's standard chain (in a pod: the env vars ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` from the job's credentialsSecret). Every failure is turned into a
+:class:`TrainerError` that names the URI, the bucket and what to check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+from kubetune.trainer.errors import TrainerError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client  # only for editors; not a runtime dependency
+
+    from kubetune.trainer.config import StorageConfig
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into ``(bucket, key)``; key may be empty or end with "/"."""
+    if not uri.startswith("s3://"):
+        raise TrainerError(f"{uri!r} is not an S3 URI: expected s3://<bucket>/<key>")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if len(bucket) < 3:
+        raise TrainerError(
+            f"{uri!r} has no valid bucket name ({bucket!r}): expected s3://<bucket>/<key> with a "
+            "bucket of at least 3 characters"
+        )
+    return bucket, key
+
+
+def make_client(storage: StorageConfig) -> S3Client:
+    """A boto3 S3 client for ``storage``: path-style addressing (works with MinIO, moto and
+    in-cluster Services whose names are not DNS wildcards) and boto's standard retry mode."""
+    return boto3.client(
+        "s3",
+        endpoint_url=storage.endpoint,
+        region_name=storage.region,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=10,
+            read_timeout=120,
+        ),
+    )
+
+
+def download_file(client: S3Client, uri: str, dest: Path) -> Path:
+    """Download the object at ``uri`` to the file ``dest`` (parents created)."""
+    bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise TrainerError(f"{uri!r} names a folder; expected the URI of one object")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _explained(uri, bucket, client):
+        client.download_file(bucket, key, str(dest))
+    return dest
+
+
+def download_prefix(client: S3Client, uri: str, dest_dir: Path) -> list[Path]:
+    """Download every object under the folder ``uri`` into ``dest_dir``, keeping sub-paths.
+
+    Raises if the prefix holds no object, since an empty model folder is always a mistake.
+    """
+    bucket, prefix = parse_s3_uri(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    written: list[Path] = []
+    with _explained(uri, bucket, client):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                relative = obj["Key"][len(prefix):]
+                if not relative or relative.endswith("/"):
+                    continue  # folder marker objects some tools create
+                target = dest_dir.joinpath(*PurePosixPath(relative).parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["Key"], str(target))
+                written.append(target)
+    if not written:
+        raise TrainerError(
+            f"no objects under {uri}: check the URI (bucket {bucket!r}, prefix {prefix!r}) and "
+            "that the upload finished"
+        )
+    return written
+
+
+def upload_file(client: S3Client, path: Path, uri: str) -> None:
+    """Upload the local file ``path`` to the object ``uri``."""
+    bucket, key = parse_s3_uri(uri)
+    with _explained(uri, bucket, client):
+        client.upload_file(str(path), bucket, key)
+
+
+def join_uri(folder_uri: str, name: str) -> str:
+    """``join_uri("s3://b/a/", "x.json") == "s3://b/a/x.json"`` (one slash, whatever the input)."""
+    return folder_uri.rstrip("/") + "/" + name.lstrip("/")
+
+
+class _explained:
+    """Context manager turning botocore failures into one-line, actionable TrainerErrors."""
+
+    def __init__(self, uri: str, bucket: str, client: S3Client) -> None:
+        self.uri, self.bucket, self.client = uri, bucket, client
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, _tb: object) -> bool:
+        if exc is None or isinstance(exc, TrainerError):
+            return False
+        if isinstance(exc, NoCredentialsError):
+            hint = "no S3 credentials: set storage.credentialsSecret on the FineTuneJob (env AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        elif isinstance(exc, EndpointConnectionError):
+            hint = f"cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')}): check storage.endpoint and the network"
+        elif isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket" or (status == 404 and not self._bucket_exists()):
+                hint = f"bucket {self.bucket!r} does not exist: create it or fix the URI"
+            elif code in ("NoSuchKey", "404") or status == 404:
+                hint = f"no such object in bucket {self.bucket!r}: check the key and that the upload finished"
+            elif code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+                hint = f"access denied to bucket {self.bucket!r} ({code}): check the credentials in storage.credentialsSecret and the bucket policy"
+            else:
+                hint = f"S3 error {code or status} on bucket {self.bucket!r}: {exc}"
+        elif isinstance(exc, BotoCoreError):
+            hint = f"S3 client error: {exc}"
+        else:
+            return False
+        raise TrainerError(f"{self.uri}: {hint}") from None
+
+    def _bucket_exists(self) -> bool:
+        """A 404 from HeadObject does not say whether the bucket or the key is missing."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404
+        except BotoCoreError:
+            return True
+        return True

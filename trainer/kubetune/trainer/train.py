@@ -1,0 +1,521 @@
+"""LoRA fine-tuning recipe: PEFT LoRA adapters trained with DeepSpeed ZeRO over torchrun.
+
+Every worker pod of a FineTuneJob runs this. Launch commands (the operator renders them):
+
+  one node, P processes (P GPUs, or P CPU processes for tests)::
+
+      torchrun --nnodes=1 --nproc-per-node=P -m kubetune.trainer --config /etc/kubetune/config.yaml
+
+  N nodes (pod K of N; pod 0 hosts the rendezvous)::
+
+      torchrun --nnodes=N --nproc-per-node=P --node-rank=K \\
+          --master-addr=<job>-worker-0.<job>-workers --master-port=29500 \\
+          -m kubetune.trainer --config /etc/kubetune/config.yaml
+
+The recipe, top to bottom:
+
+  setup    read + check the config (before any network, so mistakes fail fast)
+           -> join the process group (gloo on CPU, nccl on GPU)
+           -> every node's local rank 0 downloads model + data (pods share no filesystem)
+           -> load model and tokenizer, wrap with LoRA -> tokenize -> DeepSpeed engine
+  train    epochs x micro-batches; DeepSpeed accumulates gradients up to globalBatchSize and
+           steps the optimizer; stops at maxSteps; rank 0 logs and updates /metrics
+  save     gather the LoRA weights (ZeRO-3 shards them) -> save_pretrained on rank 0
+  publish  rank 0 uploads adapter + tokenizer, then manifest.json last
+  cleanup  barrier, leave the process group, remove the downloads
+
+GPU path: with CUDA visible, each process takes ``cuda:LOCAL_RANK``, the backend is nccl and
+``precision: auto`` means bf16. It is written to the same DeepSpeed API as the CPU path but
+only the CPU path runs in this project's CI (tests marked ``gpu`` cover the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune.trainer.config import TrainerConfig, load_config
+from kubetune.trainer.errors import TrainerError
+
+log = logging.getLogger("kubetune.trainer")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits, from torchrun's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    node_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def run(config: TrainerConfig | str | Path) -> dict[str, Any] | None:
+    """Train and publish per ``config`` (or the file it names); rank 0 returns the results."""
+    # ---- Setup 1: config and topology (no network yet: wrong configs fail in milliseconds)
+    if not isinstance(config, TrainerConfig):
+        config = load_config(config)
+    topo = _topology_from_env()
+    _configure_logging(topo)
+    accumulation = gradient_accumulation_steps(config, topo.world_size)
+    device = _pick_device(topo)
+    _check_precision(config, device)
+    _respect_omp_num_threads()
+
+    # Imported here, not at the top: it takes seconds and probes for accelerators.
+    import deepspeed
+
+    _configure_logging(topo)  # again: importing deepspeed resets its logger to INFO
+    metrics = _start_metrics(config, topo)
+
+    # ---- Setup 2: join the process group. nccl for GPUs; gloo is the CPU backend.
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        results = _train_and_publish(config, topo, device, accumulation, metrics)
+    finally:
+        # ---- Cleanup: leave the process group even on failure so torchrun sees a clean exit code.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return results
+
+
+def _train_and_publish(
+    config: TrainerConfig, topo: Topology, device: torch.device, accumulation: int, metrics: Any
+) -> dict[str, Any] | None:
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers.utils import logging as hf_logging
+
+    from kubetune.trainer.data import read_jsonl, split_train_validation, tokenize_records
+    from kubetune.trainer.publish import publish_adapter
+    from kubetune.trainer.s3 import make_client
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per rank is noise in pod logs
+    workdir = _workdir(config, topo)
+    model_dir, data_path = workdir / "model", workdir / "data" / "train.jsonl"
+    s3 = make_client(config.storage)
+
+    # ---- Setup 3: download. Pods share no filesystem, so the first process of EVERY node
+    # downloads; the others wait at the barrier (which also waits for all nodes).
+    if topo.is_node_main:
+        _download_inputs(s3, config, model_dir, data_path)
+    torch.distributed.barrier()
+
+    # ---- Setup 4: tokenizer and data first: a bad dataset fails before the model loads.
+    # Every rank tokenizes the whole file (cheap next to training) and later takes its own
+    # share of each epoch's batches.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss anyway
+    examples = tokenize_records(
+        read_jsonl(data_path),
+        tokenizer,
+        config.dataset,
+        config.training.sequence_length,
+        source=config.dataset.uri,
+    )
+    train_set, validation_set = split_train_validation(
+        examples, config.dataset.validation_split, config.training.seed
+    )
+    plan = _plan_steps(config, topo, train_set, accumulation)
+
+    # ---- Setup 5: model wrapped with LoRA. Same seed everywhere: identical LoRA init.
+    set_seed(config.training.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_load_dtype(config, device))
+    model.config.use_cache = False  # training never reuses the KV cache
+    lora = config.lora
+    try:
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    except ValueError as exc:
+        raise TrainerError(f"lora.targetModules {list(lora.target_modules)}: {exc}") from None
+
+    # ---- Setup 6: DeepSpeed engine around the LoRA model with a torch AdamW over the
+    # trainable (LoRA) parameters only; linear warm-up then linear decay.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.training.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(plan.total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(config, topo.world_size),
+    )
+    pad_id = tokenizer.pad_token_id
+    if metrics:
+        metrics.total_steps.set(plan.total_steps)
+
+    initial_eval = _evaluate(engine, validation_set, config, topo, device, pad_id)
+    if topo.is_main:
+        log.info(
+            "start job=%s/%s world_size=%d zero_stage=%d steps=%d accumulation=%d train_examples=%d "
+            "validation_examples=%d",
+            config.job.namespace, config.job.name, topo.world_size, config.deepspeed.zero_stage,
+            plan.total_steps, accumulation, len(train_set), len(validation_set),
+        )
+
+    # ---- Train
+    progress = _train_loop(engine, config, topo, device, pad_id, train_set, plan, metrics)
+    final_eval = _evaluate(engine, validation_set, config, topo, device, pad_id)
+
+    # ---- Save: under ZeRO-3 each rank holds a slice of every LoRA tensor; all ranks must
+    # enter GatheredParameters (a collective), then rank 0 writes full tensors.
+    adapter_dir = workdir / "adapter"
+    lora_params = [p for name, p in engine.module.named_parameters() if "lora_" in name]
+    with deepspeed.zero.GatheredParameters(lora_params, enabled=config.deepspeed.zero_stage == 3):
+        if any(p.numel() == 0 for p in lora_params):  # would publish an adapter of empty tensors
+            raise RuntimeError("LoRA parameters are still partitioned at save time")
+        if topo.is_main:
+            engine.module.save_pretrained(adapter_dir, safe_serialization=True)
+            tokenizer.save_pretrained(adapter_dir)
+
+    # ---- Publish (rank 0): adapter files first, manifest.json last.
+    results = None
+    if topo.is_main:
+        results = {
+            "steps": progress.steps,
+            "totalSteps": plan.total_steps,
+            "epochs": progress.epoch,
+            "initialLoss": progress.first_loss,
+            "finalLoss": progress.last_loss,
+            "initialEvalLoss": initial_eval,
+            "evalLoss": final_eval,
+            "tokens": progress.tokens,
+            "trainSeconds": round(progress.seconds, 3),
+            "worldSize": topo.world_size,
+        }
+        publish_adapter(s3, adapter_dir, config, results)
+        log.info(
+            "done steps=%d final_loss=%.4f eval_loss=%s adapter=%s",
+            progress.steps, progress.last_loss, _fmt(final_eval), config.output.adapter_uri,
+        )
+
+    # ---- Cleanup: nobody leaves before the adapter is published, then drop the downloads.
+    torch.distributed.barrier()
+    if topo.is_node_main:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class Progress:
+    steps: int = 0
+    epoch: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+
+
+def _train_loop(
+    engine: Any,
+    config: TrainerConfig,
+    topo: Topology,
+    device: torch.device,
+    pad_id: int,
+    train_set: list,
+    plan: StepPlan,
+    metrics: Any,
+) -> Progress:
+    from kubetune.trainer.data import collate, rank_batches
+
+    training = config.training
+    accumulation = engine.gradient_accumulation_steps()
+    progress = Progress()
+    # Sums since the last log line: [loss over micro-batches, micro-batches, real tokens].
+    window = torch.zeros(3, dtype=torch.float64)
+    window_start = started = time.perf_counter()
+    engine.train()
+    for epoch in range(training.epochs):
+        # 1. This epoch's micro-batches for this rank: same count on every rank, a multiple
+        #    of the accumulation steps so every optimizer step is complete.
+        batches = rank_batches(
+            train_set, training.micro_batch_size, topo.world_size, topo.rank,
+            seed=training.seed, epoch=epoch,
+        )[: plan.steps_per_epoch * accumulation]
+        for index, batch in enumerate(batches):
+            inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            # 2. Forward: HF computes the mean cross-entropy over non-masked labels.
+            loss = engine(**inputs).loss
+            # 3. Backward and step: DeepSpeed scales for accumulation, reduces gradients
+            #    across ranks (ZeRO shards them), clips to 1.0 and steps AdamW + the LR
+            #    schedule only at accumulation boundaries.
+            engine.backward(loss)
+            engine.step()
+            window += torch.tensor([loss.item(), 1.0, float(inputs["attention_mask"].sum())], dtype=torch.float64)
+            if (index + 1) % accumulation:
+                continue
+            progress.steps += 1
+            progress.epoch = epoch + (index + 1) / len(batches)
+            last = progress.steps == plan.total_steps
+            # 4. Log every logEverySteps (and at the end): mean loss over all ranks since the
+            #    last line. The all_reduce is collective, so every rank takes this branch.
+            if progress.steps % training.log_every_steps == 0 or last:
+                torch.distributed.all_reduce(window)
+                now = time.perf_counter()
+                mean_loss = float(window[0] / window[1])
+                tokens_per_second = float(window[2]) / max(now - window_start, 1e-9)
+                progress.tokens += int(window[2])
+                progress.first_loss = mean_loss if progress.first_loss is None else progress.first_loss
+                progress.last_loss = mean_loss
+                if topo.is_main:
+                    log.info(
+                        "step=%d/%d epoch=%.2f loss=%.4f lr=%.3e tokens_per_s=%.1f",
+                        progress.steps, plan.total_steps, progress.epoch, mean_loss,
+                        engine.get_lr()[0], tokens_per_second,
+                    )
+                if metrics:
+                    metrics.step.set(progress.steps)
+                    metrics.epoch.set(progress.epoch)
+                    metrics.loss.set(mean_loss)
+                    metrics.tokens_per_second.set(tokens_per_second)
+                window.zero_()
+                window_start = now
+            # 5. Stop at maxSteps, possibly mid-epoch.
+            if last:
+                progress.seconds = time.perf_counter() - started
+                return progress
+    progress.seconds = time.perf_counter() - started
+    return progress
+
+
+def _evaluate(
+    engine: Any, examples: list, config: TrainerConfig, topo: Topology, device: torch.device, pad_id: int
+) -> float | None:
+    """Token-weighted mean loss over the validation split, computed by all ranks together.
+
+    Ranks with no batch left run batch 0 with weight 0: under ZeRO-3 every forward is a
+    collective (parameters are gathered), so all ranks must run the same number of them.
+    """
+    from kubetune.trainer.data import IGNORE_INDEX, collate
+
+    if not examples:
+        return None
+    size = config.training.micro_batch_size
+    batches = [examples[i : i + size] for i in range(0, len(examples), size)]
+    totals = torch.zeros(2, dtype=torch.float64)  # [loss x tokens, tokens]
+    engine.eval()
+    with torch.no_grad():
+        for j in range(math.ceil(len(batches) / topo.world_size)):
+            index = topo.rank + j * topo.world_size
+            real = index < len(batches)
+            inputs = {k: v.to(device) for k, v in collate(batches[index if real else 0], pad_id).items()}
+            loss = engine(**inputs).loss
+            tokens = float((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) if real else 0.0
+            totals += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64)
+    engine.train()
+    torch.distributed.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] else None
+
+
+def gradient_accumulation_steps(config: TrainerConfig, world_size: int) -> int:
+    """globalBatchSize / (microBatchSize x world size); it must divide exactly."""
+    training = config.training
+    per_pass = training.micro_batch_size * world_size
+    if training.global_batch_size % per_pass:
+        raise TrainerError(
+            f"training.globalBatchSize ({training.global_batch_size}) must be a multiple of "
+            f"training.microBatchSize ({training.micro_batch_size}) x world size ({world_size}) "
+            f"= {per_pass}; change either field or workers.replicas / gpusPerWorker"
+        )
+    return training.global_batch_size // per_pass
+
+
+def deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``config`` on ``world_size`` processes."""
+    training, ds = config.training, config.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if ds.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        # The default threshold (1e5 elements) keeps small tensors whole on every rank, so
+        # LoRA matrices would never be partitioned; 0 shards every parameter.
+        zero["stage3_param_persistence_threshold"] = 0
+    precision = _resolved_precision(config, torch.cuda.is_available())
+    return {
+        "train_batch_size": training.global_batch_size,
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(config, world_size),
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # We bring torch's AdamW: DeepSpeed calls it "untested" with ZeRO, and with offload
+        # would otherwise insist on its own compiled CPU Adam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,  # progress lines are ours (rank 0, logEverySteps)
+        "wall_clock_breakdown": False,
+    }
+
+
+def _plan_steps(config: TrainerConfig, topo: Topology, train_set: list, accumulation: int) -> StepPlan:
+    from kubetune.trainer.data import rank_batches
+
+    training = config.training
+    per_rank = len(rank_batches(train_set, training.micro_batch_size, topo.world_size, topo.rank,
+                                seed=training.seed, epoch=0))
+    steps_per_epoch = per_rank // accumulation
+    if steps_per_epoch == 0:
+        raise TrainerError(
+            f"dataset {config.dataset.uri} has {len(train_set)} training examples, fewer than one "
+            f"global batch (training.globalBatchSize = {training.global_batch_size}): add data or "
+            "lower training.globalBatchSize"
+        )
+    total = steps_per_epoch * training.epochs
+    if training.max_steps is not None:
+        total = min(total, training.max_steps)
+    return StepPlan(steps_per_epoch, total)
+
+
+def _warmup_then_decay(total_steps: int):
+    warmup = min(100, max(1, total_steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def _download_inputs(s3: Any, config: TrainerConfig, model_dir: Path, data_path: Path) -> None:
+    from kubetune.trainer.s3 import download_file, download_prefix
+
+    started = time.perf_counter()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    download_prefix(s3, config.model.uri, model_dir)
+    download_file(s3, config.dataset.uri, data_path)
+    if not (model_dir / "config.json").is_file():
+        raise TrainerError(
+            f"{config.model.uri} has no config.json: model.uri must be a folder written by "
+            "save_pretrained (config.json, tokenizer files, weights)"
+        )
+    log.info("downloaded model and dataset in %.1fs", time.perf_counter() - started)
+
+
+def _workdir(config: TrainerConfig, topo: Topology) -> Path:
+    """Per-node scratch folder (the pod's /tmp emptyDir; KUBETUNE_WORKDIR overrides)."""
+    base = Path(os.environ.get("KUBETUNE_WORKDIR") or tempfile.gettempdir())
+    return base / "kubetune" / (config.job.uid or config.job.name) / f"node-{topo.node_rank}"
+
+
+def _topology_from_env() -> Topology:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/GROUP_RANK; plain ``python -m`` is one process."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "GROUP_RANK": "0",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    return Topology(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        node_rank=int(os.environ.get("GROUP_RANK", "0")),
+    )
+
+
+def _pick_device(topo: Topology) -> torch.device:
+    if torch.cuda.is_available():  # GPU path: one process per GPU
+        torch.cuda.set_device(topo.local_rank)
+        return torch.device("cuda", topo.local_rank)
+    return torch.device("cpu")
+
+
+def _resolved_precision(config: TrainerConfig, on_gpu: bool) -> str:
+    precision = config.training.precision
+    if precision == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return precision
+
+
+def _check_precision(config: TrainerConfig, device: torch.device) -> None:
+    if device.type != "cuda" and config.training.precision in ("bf16", "fp16"):
+        raise TrainerError(
+            f"training.precision {config.training.precision} needs a GPU and this worker has none: "
+            "use precision auto or fp32, or set workers.gpusPerWorker"
+        )
+
+
+def _load_dtype(config: TrainerConfig, device: torch.device) -> torch.dtype:
+    precision = _resolved_precision(config, device.type == "cuda")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def _respect_omp_num_threads() -> None:
+    """torch sizes its pool from the core count; in a pod, OMP_NUM_THREADS is the CPU limit."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
+def _start_metrics(config: TrainerConfig, topo: Topology) -> Any:
+    """Rank 0 serves /metrics from the start, so a scrape sees the job before step 1."""
+    if not topo.is_main or not config.metrics.port:
+        return None
+    from kubetune.trainer.metrics import TrainMetrics
+
+    metrics = TrainMetrics()
+    try:
+        metrics.serve(config.metrics.port)
+    except OSError as exc:
+        raise TrainerError(
+            f"metrics.port {config.metrics.port}: cannot listen ({exc.strerror}); pick a free port or 0 to disable"
+        ) from None
+    return metrics
+
+
+def _configure_logging(topo: Topology) -> None:
+    """Rank 0 logs progress; other ranks only warnings. DeepSpeed's INFO chatter is muted."""
+    logging.basicConfig(
+        level=logging.INFO if topo.is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s rank=" + str(topo.rank) + " %(name)s: %(message)s",
+        force=True,
+    )
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "botocore", "boto3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
