@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import sys
 from pathlib import Path
 
 from conftest_kubelet import Cluster, cluster, container_pid, pid_alive, pod_manifest, wait_for  # noqa: F401
@@ -184,3 +185,25 @@ def test_failed_init_container_fails_a_never_restart_pod(cluster: Cluster) -> No
     assert done["status"]["phase"] == "Failed"
     assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 4
     assert "waiting" in done["status"]["containerStatuses"][0]["state"]
+
+
+def test_a_volume_over_the_python_environment_does_not_hide_it(cluster: Cluster) -> None:
+    # The local "image" is this machine: an emptyDir at /tmp (as the operator's workers have)
+    # must not hide a virtualenv or checkout that happens to live under it (a clone in /tmp).
+    top = "/" + Path(sys.prefix).parts[1]
+    script = "python -c 'import kubetune.trainer.config, sys; print(\"IMPORTED from\", sys.prefix)'; ls -A " + top
+    cluster.apply(pod_manifest(
+        "volume-over-venv", ["sh", "-c", script],
+        container={"volumeMounts": [{"name": "scratch", "mountPath": top}]},
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    ))
+
+    done = cluster.wait_phase("volume-over-venv", {"Succeeded", "Failed"})
+
+    logs = cluster.logs("volume-over-venv")
+    assert done["status"]["phase"] == "Succeeded", logs
+    assert f"IMPORTED from {sys.prefix}" in logs
+    # Only the environment comes back on top of the volume, not the rest of the host folder.
+    listed = set(logs.split("IMPORTED from", 1)[1].split()[1:])
+    assert listed == {Path(sys.prefix).parts[2]} | {Path(p).parts[2] for p in network.image_paths()
+                                                   if p.startswith(top + "/")}

@@ -23,7 +23,9 @@ import random
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,33 @@ def remove_leftovers(prefix: str) -> None:
         _run("ip", "netns", "del", ns, check=False)
     for link in links:
         _run("ip", "link", "del", link, check=False)
+    for stage in Path(STAGE_ROOT).glob(f"{prefix}-*"):
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _is_under(path: str, folder: str) -> bool:
+    folder = folder.rstrip("/") or "/"
+    return path == folder or path.startswith(folder if folder == "/" else folder + "/")
+
+
+def image_paths() -> list[str]:
+    """What pods need from this machine to run `torchrun`/`kubetune`: the Python environment
+    and the source roots on sys.path (an editable install points into the checkout)."""
+    paths = sorted({sys.prefix, sys.base_prefix, *(p for p in sys.path if os.path.isabs(p) and os.path.isdir(p))})
+    return [p for p in paths if not any(_is_under(p, q) for q in paths if q != p)]
+
+
+STAGE_ROOT = "/run/kubetune-stage"
+
+
+def _staging_dir(pod_dir: str, prefix: str, targets: list[str]) -> str:
+    """A folder for pinned mount sources that no mountPath covers (the pod's own folder when it
+    can be; else one under /run, removed with the cluster's other leftovers)."""
+    for candidate in (os.path.join(pod_dir, "stage"),
+                      os.path.join(STAGE_ROOT, f"{prefix}-{os.path.basename(pod_dir)}")):
+        if not any(_is_under(candidate, t) for t in targets):
+            return candidate
+    raise ValueError(f"every staging folder is under a volume mountPath ({', '.join(targets)})")
 
 
 def _kill_netns_processes(ns: str) -> None:
@@ -259,16 +288,31 @@ class PodNetwork:
                 f.write("# kubetune local pod: names resolve from /etc/hosts only\n"
                         "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
             setup.append(f"mount --bind {shlex.quote(resolv)} /etc/resolv.conf")
-        for source, target, read_only in mounts:
+        # The local "image" is this machine's filesystem, so a volume may hide part of it: an
+        # emptyDir at /tmp hides a virtualenv or checkout that lives under /tmp. Every bind
+        # source is first pinned under a staging folder outside all mountPaths, so later
+        # mounts cannot hide earlier sources, and the Python environment is bound back on top.
+        targets = [target for _, target, _ in mounts]
+        hidden_image = [p for p in image_paths() if any(_is_under(p, t) for t in targets)]
+        stage = _staging_dir(os.path.dirname(hosts_file), self.prefix, targets)
+        pinned: list[str] = []
+        for index, source in enumerate([*(m[0] for m in mounts), *hidden_image]):
+            pin = shlex.quote(os.path.join(stage, str(index)))
+            make = f"touch {pin}" if os.path.isfile(source) else f"mkdir -p {pin}"
+            setup.append(f"mkdir -p {shlex.quote(stage)} && {make} && mount --bind {shlex.quote(source)} {pin}")
+            pinned.append(pin)
+        for (source, target, read_only), pin in zip(mounts, pinned):
             q_target = shlex.quote(target)
             if os.path.isfile(source):  # a subPath file: bind onto a file, not a directory
                 parent = shlex.quote(os.path.dirname(target) or "/")
                 setup.append(f"mkdir -p {parent} && touch {q_target}")
             else:
                 setup.append(f"mkdir -p {q_target}")
-            setup.append(f"mount --bind {shlex.quote(source)} {q_target}")
+            setup.append(f"mount --bind {pin} {q_target}")
             if read_only:
                 setup.append(f"mount -o remount,bind,ro {q_target}")
+        for path, pin in zip(hidden_image, pinned[len(mounts):]):
+            setup.append(f"mkdir -p {shlex.quote(path)} && mount --bind {pin} {shlex.quote(path)}")
         if working_dir:
             setup.append(f"mkdir -p {shlex.quote(working_dir)} && cd {shlex.quote(working_dir)}")
         script = " && ".join(setup) + ' && exec "$@"'
