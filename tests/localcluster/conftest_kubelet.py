@@ -5,7 +5,6 @@ Imported explicitly by the test modules (the API server tests own conftest.py)."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -9,12 +9,11 @@ Ages are preformatted strings, exactly like apimachinery's duration.HumanDuratio
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.localcluster.apiserver.schema import go_float
+from kubetune.localcluster.apiserver.schema import go_value
 
 _NAME_DESCRIPTION = (
     "Name must be unique within a namespace. Is required when creating resources, although some "
@@ -181,15 +180,9 @@ def _jsonpath_text(value: Any) -> str:
     """How client-go's jsonpath prints a value (strings raw, everything else as Go/JSON does)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return go_float(value)
     if value is None:
         return "<nil>"
-    return json.dumps(value, separators=(",", ":"))
+    return go_value(value)
 
 
 def _custom_cell(column: dict[str, Any], obj: dict[str, Any], now: datetime) -> Any:
