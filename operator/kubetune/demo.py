@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -119,15 +120,32 @@ def upload_demo_data(s3_endpoint: str) -> dict[str, str]:
     return upload_demo_assets(s3_endpoint, access_key=DEMO_ACCESS_KEY, secret_key=DEMO_SECRET_KEY)
 
 
+@dataclass(frozen=True)
+class OperatorProcess:
+    process: subprocess.Popen
+    metrics_url: str  # the operator's own Prometheus endpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
-def running_operator(cluster: ClusterInfo, log_path: Path) -> Iterator[subprocess.Popen]:
-    """The operator as its own process, as it runs in a cluster; stopped on the way out."""
-    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig, "KUBETUNE_S3_ENDPOINT": cluster.s3_cluster_endpoint}
+def running_operator(cluster: ClusterInfo, log_path: Path) -> Iterator[OperatorProcess]:
+    """The operator as its own process, as it runs in a cluster; stopped on the way out.
+
+    Its metrics go to a free port rather than the default 8080, so demos and test runs side by
+    side (or anything else on 8080) do not collide."""
+    metrics_port = _free_port()
+    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig, "KUBETUNE_S3_ENDPOINT": cluster.s3_cluster_endpoint,
+           "KUBETUNE_METRICS_PORT": str(metrics_port)}
     with open(log_path, "ab") as log:
         operator = subprocess.Popen([_bin("kubetune"), "operator"], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
-        yield operator
+        yield OperatorProcess(operator, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         operator.terminate()
         try:
@@ -141,20 +159,36 @@ def follow_job(kubectl: Kubectl, name: str, namespace: str = "default", timeout:
                echo: bool = True) -> dict:
     """Poll the job until it ends (Succeeded or Failed) and return its final object.
 
-    Prints `kubectl get ftj` whenever the phase changes, as a user watching would see it.
+    Prints a `kubectl get ftj` row whenever the phase or the progress changes (the header once),
+    as a user watching `kubectl get ftj -w` would see it.
     """
     deadline = time.monotonic() + timeout
-    last_phase = None
+    last_seen = None
+    header_shown = False
     while time.monotonic() < deadline:
         job = kubectl.json("get", "ftj", name, "-n", namespace)
-        phase = job.get("status", {}).get("phase")
-        if phase != last_phase and echo:
-            print(kubectl.run("get", "ftj", name, "-n", namespace).stdout.rstrip(), flush=True)
-            last_phase = phase
+        status = job.get("status", {})
+        phase = status.get("phase")
+        seen = (phase, (status.get("progress") or {}).get("display"), (status.get("progress") or {}).get("loss"))
+        if seen != last_seen and echo:
+            header, row = aligned_rows(kubectl.run("get", "ftj", name, "-n", namespace).stdout)
+            print("\n".join(([header] if not header_shown else []) + [row]), flush=True)
+            header_shown, last_seen = True, seen
         if phase in ("Succeeded", "Failed"):
             return job
         time.sleep(1)
     raise TimeoutError(f"FineTuneJob {namespace}/{name} did not finish in {timeout:.0f}s")
+
+
+def aligned_rows(table: str, width: int = 11) -> tuple[str, str]:
+    """Header and first row of a `kubectl get` table with fixed column widths, so rows printed
+    one at a time line up (kubectl sizes each table's columns to that table's cells)."""
+    header, row = (table.rstrip("\n").splitlines() + ["", ""])[:2]
+    starts = [i for i, char in enumerate(header) if char != " " and (i == 0 or header[i - 1] == " ")]
+    bounds = list(zip(starts, starts[1:] + [None]))
+    cells = [[line[start:end].strip() for start, end in bounds] for line in (header, row)]
+    widths = [max(width, len(cells[1][0]) + 2)] + [width] * (len(bounds) - 1)
+    return tuple("".join((cell + " ").ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)  # type: ignore[return-value]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +224,10 @@ def main(args: argparse.Namespace) -> int:
                 print(logs.stdout + logs.stderr, file=sys.stderr)
                 return 1
             print(f"==> Succeeded in {elapsed:.0f}s from kubectl apply")
+            results = status.get("results") or {}
+            if results.get("finalLoss") is not None:
+                evaluated = f", eval loss {results['evalLoss']:.4f}" if results.get("evalLoss") is not None else ""
+                print(f"==> final loss {results['finalLoss']:.4f} after {results.get('steps')} steps{evaluated}")
             print(f"==> adapter: {status.get('adapter', {}).get('uri', job['spec']['output']['adapterUri'])}")
     print("==> local cluster stopped; nothing left running")
     return 0

@@ -36,8 +36,8 @@ def stack(tmp_path_factory):
         s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
                           aws_access_key_id=DEMO_ACCESS_KEY, aws_secret_access_key=DEMO_SECRET_KEY,
                           config=Config(s3={"addressing_style": "path"}))
-        with running_operator(cluster, state / "operator.log"):
-            yield SimpleNamespace(cluster=cluster, kubectl=kubectl, s3=s3, state=state)
+        with running_operator(cluster, state / "operator.log") as operator:
+            yield SimpleNamespace(cluster=cluster, kubectl=kubectl, s3=s3, state=state, operator=operator)
 
 
 def _manifest(path: Path, **spec_overrides) -> str:
@@ -88,10 +88,15 @@ def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Succeeded"]["status"] == "True"
     assert status["adapter"]["uri"] == "s3://adapters/quickstart/"
+    # The trainer's termination message gives the results; the progress ends at the last step.
+    assert isinstance(status["results"]["finalLoss"], float) and status["results"]["steps"] == 30, status
+    assert status["results"]["tokens"] > 0
+    assert (status["progress"]["step"], status["progress"]["totalSteps"]) == (30, 30), status
 
-    table = kubectl.run("get", "ftj").stdout
-    assert table.split("\n")[0].split()[:2] == ["NAME", "PHASE"]
-    assert "quickstart" in table and "Succeeded" in table
+    table = kubectl.run("get", "ftj", "quickstart").stdout.splitlines()
+    assert table[0].split()[:5] == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA"]
+    assert table[1].split()[:3] == ["quickstart", "Succeeded", "30/30"]
+    assert float(table[1].split()[3]) == round(status["results"]["finalLoss"], 4)
 
     pods = kubectl.run("get", "pods", "-l", "kubetune.dev/job-name=quickstart").stdout
     assert pods.count("Completed") == 2, pods
@@ -135,6 +140,12 @@ def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
         after = tuned(**inputs).logits
     assert not torch.allclose(before, after, atol=1e-4)
 
+    # The operator's own metrics, as Prometheus scrapes them.
+    operator_metrics = _scrape(stack.operator.metrics_url)
+    assert operator_metrics[("kubetune_operator_jobs", (("phase", "Succeeded"),))] >= 1, operator_metrics
+    assert operator_metrics[("kubetune_operator_pods_created_total", ())] >= 2, operator_metrics
+    assert operator_metrics[("kubetune_operator_reconciles_total", (("handler", "pod_event"),))] > 0
+
     # Deleting the job removes every child.
     kubectl.run("delete", "ftj", "quickstart")
     deadline = time.monotonic() + 30
@@ -145,6 +156,40 @@ def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
             break
         time.sleep(0.5)
     assert not left, f"children left after delete: {left}"
+
+
+def test_broken_dataset_fails_the_job_with_the_trainers_line_numbered_error(stack):
+    kubectl, s3 = stack.kubectl, stack.s3
+    s3.put_object(Bucket="datasets", Key="broken/train.jsonl",
+                  Body=b'{"text": "a fine first line"}\n{"text": "unterminated\n')
+    broken = _manifest(REPO / "examples" / "quickstart.yaml", metadata__name="broken-data",
+                       spec__dataset__uri="s3://datasets/broken/train.jsonl",
+                       spec__output__adapterUri="s3://adapters/broken-data/")
+    kubectl.run("apply", "-f", "-", input=broken)
+
+    job = follow_job(kubectl, "broken-data", timeout=600, echo=False)
+    status = job["status"]
+    assert status["phase"] == "Failed", status
+    assert "train.jsonl line 2: not valid JSON" in status["message"], status["message"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "TrainerError" and "line 2: not valid JSON" in failed["message"]
+    described = kubectl.run("describe", "ftj", "broken-data").stdout
+    assert "train.jsonl line 2: not valid JSON" in described, described
+    # The worker pod itself carries the trainer's message, as on any Kubernetes.
+    pod = kubectl.json("get", "pod", "broken-data-worker-0")
+    assert "line 2: not valid JSON" in pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as response:
+        body = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
 
 
 def test_deleting_a_running_job_stops_its_processes(stack):

@@ -135,7 +135,10 @@ def test_crd_names_and_printer_columns() -> None:
     (version,) = crd["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
     columns = {column["name"]: column for column in version["additionalPrinterColumns"]}
-    assert [name.upper() for name in columns] == ["PHASE", "WORKERS", "MODEL", "AGE"]
+    assert [name.upper() for name in columns] == ["PHASE", "PROGRESS", "LOSS", "ETA", "WORKERS", "MODEL", "AGE"]
     assert columns["Phase"]["jsonPath"] == ".status.phase"
+    assert columns["Progress"]["jsonPath"] == ".status.progress.display"
+    assert columns["Loss"]["jsonPath"] == ".status.progress.loss" and columns["Loss"]["type"] == "number"
+    assert columns["ETA"]["jsonPath"] == ".status.progress.eta"
     assert columns["Workers"]["jsonPath"] == ".spec.workers.replicas"
     assert columns["Model"]["priority"] == 1

@@ -9,10 +9,10 @@ from kubetune.operator import main as entry
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], {"namespace": None, "standalone": True, "liveness_port": None}),
+        ([], {"namespace": None, "standalone": True, "liveness_port": None, "metrics_port": None}),
         (
-            ["-n", "ml", "--peering", "--liveness-port", "8080"],
-            {"namespace": "ml", "standalone": False, "liveness_port": 8080},
+            ["-n", "ml", "--peering", "--liveness-port", "8080", "--metrics-port", "0"],
+            {"namespace": "ml", "standalone": False, "liveness_port": 8080, "metrics_port": 0},
         ),
     ],
 )
@@ -34,6 +34,7 @@ def test_run_watches_the_given_namespace_or_all(monkeypatch: pytest.MonkeyPatch)
     seen: list[dict] = []
     monkeypatch.setattr(kopf, "run", lambda **kwargs: seen.append(kwargs))
     monkeypatch.setenv("KUBETUNE_NAMESPACE", "from-env")
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
     entry.run()
     entry.run(namespace="ml", standalone=False)
     monkeypatch.setenv("KUBETUNE_NAMESPACE", "")
@@ -66,3 +67,24 @@ def test_unusable_environment_exits_with_one_clear_line(
     entry.add_arguments(parser)
     assert entry.main(parser.parse_args([])) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_taken_metrics_port_exits_with_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    import kopf
+    from kubetune.operator import handlers
+
+    monkeypatch.setattr(handlers, "_state", {})
+    monkeypatch.setattr("kubetune.operator.kube.load_credentials", lambda: None)
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: pytest.fail("must not start kopf"))
+    parser = argparse.ArgumentParser()
+    entry.add_arguments(parser)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert entry.main(parser.parse_args(["--metrics-port", str(port)])) == 2
+    assert f"cannot serve metrics on port {port}" in capsys.readouterr().err

@@ -224,8 +224,9 @@ def test_kubectl_explain_and_wide_columns_come_from_the_crd(cluster: Cluster) ->
     assert "GPUs per pod" in explained
     cluster.kubectl("apply", "-f", str(EXAMPLES / "quickstart.yaml"))
     wide = cluster.kubectl("get", "ftj", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "WORKERS", "MODEL", "AGE"]
-    assert wide[1].split()[:3] == ["quickstart", "2", "s3://models/tiny-llama/"]  # no phase before the operator
+    assert wide[0].split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "WORKERS", "MODEL", "AGE"]
+    # No phase or progress before the operator: kubectl shows those cells empty.
+    assert wide[1].split()[:3] == ["quickstart", "2", "s3://models/tiny-llama/"]
 
 
 def test_job_created_before_the_operator_starts_is_picked_up_once(cluster: Cluster) -> None:
@@ -270,3 +271,54 @@ def test_uneven_batch_is_refused_by_the_server_or_failed_by_the_operator(
     eventually(
         lambda: any(event[:2] == ("Warning", "InvalidSpec") for event in cluster.events()), "InvalidSpec warning event"
     )
+
+
+def test_progress_is_scraped_from_worker_0_and_the_results_come_from_its_termination_message(
+    cluster: Cluster,
+) -> None:
+    import json
+    import socket
+
+    from kubetune.operator.settings import OperatorSettings
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    registry = CollectorRegistry()
+    gauges = {name: Gauge(name, name, registry=registry) for name in (
+        "kubetune_train_step", "kubetune_train_total_steps", "kubetune_train_loss", "kubetune_train_epoch",
+        "kubetune_train_tokens_per_second")}
+    start_http_server(metrics_port, addr="127.0.0.1", registry=registry)  # plays rank 0's /metrics
+    gauges["kubetune_train_total_steps"].set(30)
+    gauges["kubetune_train_step"].set(12)
+    gauges["kubetune_train_loss"].set(1.2345)
+
+    cluster.kubectl("apply", "-f", str(CRD_PATH))
+    handlers.use_settings(OperatorSettings(trainer_metrics_port=metrics_port))
+    with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "kubetune.operator.handlers"], timeout=90):
+        cluster.kubectl("apply", "-f", str(EXAMPLES / "quickstart.yaml"))
+        eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
+        for name in WORKERS:
+            cluster.core.patch_namespaced_pod_status(name, "default", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
+        progress = eventually(lambda: cluster.job()["status"].get("progress"), "progress scraped", timeout=60)
+        assert (progress["display"], progress["loss"]) == ("12/30", 1.2345)
+        row = cluster.kubectl("get", "ftj", "quickstart", "--no-headers").stdout.split()
+        assert row[:4] == ["quickstart", "Running", "12/30", "1.2345"]
+
+        message = json.dumps({"outcome": "Succeeded", "steps": 30, "totalSteps": 30, "finalLoss": 1.0,
+                              "evalLoss": 1.5, "tokens": 7680, "adapterUri": "s3://adapters/quickstart/"})
+        for name in WORKERS:
+            terminated = {"exitCode": 0, "reason": "Completed"}
+            if name.endswith("-0"):
+                terminated["message"] = message
+            cluster.core.patch_namespaced_pod_status(name, "default", {"status": {
+                "phase": "Succeeded",
+                "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x",
+                                       "imageID": "", "state": {"terminated": terminated}}]}})
+        cluster.kubectl("wait", "--for=condition=Succeeded", "ftj/quickstart", "--timeout=60s")
+
+    status = cluster.job()["status"]
+    assert status["results"] == {"finalLoss": 1.0, "evalLoss": 1.5, "steps": 30, "tokens": 7680}
+    row = cluster.kubectl("get", "ftj", "quickstart", "--no-headers").stdout.split()
+    assert row[:5] == ["quickstart", "Succeeded", "30/30", "1", "0s"]

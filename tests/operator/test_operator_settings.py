@@ -12,6 +12,7 @@ def test_defaults_without_environment() -> None:
         namespace=None,
         trainer_metrics_port=9400,
         liveness_port=None,
+        metrics_port=8080,
     )
 
 
@@ -23,6 +24,7 @@ def test_values_from_environment() -> None:
             "KUBETUNE_NAMESPACE": "ml",
             "KUBETUNE_TRAINER_METRICS_PORT": "9500",
             "KUBETUNE_LIVENESS_PORT": "8080",
+            "KUBETUNE_METRICS_PORT": "9090",
         }
     )
     assert settings.s3_endpoint == "http://s3.kubetune-system.svc.cluster.local:9000"
@@ -30,6 +32,13 @@ def test_values_from_environment() -> None:
     assert settings.namespace == "ml"
     assert settings.trainer_metrics_port == 9500
     assert settings.liveness_port == 8080
+    assert settings.metrics_port == 9090
+
+
+def test_metrics_port_0_turns_the_operator_metrics_off() -> None:
+    assert OperatorSettings.from_env({"KUBETUNE_METRICS_PORT": "0"}).metrics_port == 0
+    with pytest.raises(SettingsError, match=r"KUBETUNE_METRICS_PORT='x' is not a port number; set it to 0 \(off\)"):
+        OperatorSettings.from_env({"KUBETUNE_METRICS_PORT": "x"})
 
 
 def test_empty_namespace_means_all_namespaces() -> None:

@@ -79,6 +79,12 @@ def test_credentials_secret_never_reaches_the_config() -> None:
             "deepspeed": {"zeroStage": 3, "offload": "cpu"},
             "storage": {"endpoint": "https://s3.example:9000", "region": "eu-west-1"},
         },
+        {
+            "dataset": {"uri": "s3://datasets/chat.jsonl", "validationSplit": 0.1},
+            "output": {"adapterUri": "s3://adapters/a/", "checkpointUri": "s3://ckpt/a/",
+                       "checkpointEverySteps": 50, "keepCheckpoints": 3},
+            "qualityGate": {"maxEvalLoss": 2.5},
+        },
     ],
 )
 def test_rendered_config_is_accepted_by_the_trainer(overrides: dict) -> None:
@@ -89,4 +95,24 @@ def test_rendered_config_is_accepted_by_the_trainer(overrides: dict) -> None:
     spec = parse_spec(minimal_spec(**overrides))
     rendered = yaml.safe_load(render_trainer_config(QUICKSTART, spec, OperatorSettings()))
     parsed = parse_config(rendered)
-    assert parsed.to_document() == rendered
+    # Fields added to schema 1 later are rendered only when set; everything rendered must come
+    # back unchanged from the trainer's resolved config.
+    assert _restricted_to(parsed.to_document(), rendered) == rendered
+    assert set(parsed.to_document()) - set(rendered) <= {"qualityGate"}
+
+
+def _restricted_to(full: dict, shape: dict) -> dict:
+    return {k: _restricted_to(full[k], v) if isinstance(v, dict) else full[k] for k, v in shape.items()}
+
+
+def test_checkpoint_and_gate_fields_are_rendered_only_when_set() -> None:
+    plain = build_trainer_config(QUICKSTART, parse_spec(minimal_spec()), OperatorSettings())
+    assert plain["output"] == {"adapterUri": "s3://adapters/quickstart/"} and "qualityGate" not in plain
+    spec = parse_spec(minimal_spec(
+        dataset={"uri": "s3://datasets/t.jsonl", "validationSplit": 0.05},
+        output={"adapterUri": "s3://adapters/q/", "checkpointUri": "s3://ckpt/q/", "checkpointEverySteps": 0},
+        qualityGate={"maxEvalLoss": 1.5},
+    ))
+    config = build_trainer_config(QUICKSTART, spec, OperatorSettings())
+    assert config["output"] == {"adapterUri": "s3://adapters/q/", "checkpointUri": "s3://ckpt/q/"}
+    assert config["qualityGate"] == {"maxEvalLoss": 1.5}

@@ -94,7 +94,7 @@ def test_unsupported_schema_version_is_rejected(version: object) -> None:
     [
         ({k: v for k, v in MINIMAL.items() if k != "output"}, "output: required key is missing"),
         (with_changes(model={"uri": "/data/model"}), "model.uri: .*must be an s3:// URI"),
-        (with_changes(dataset={"uri": "s3://datasets/quickstart/"}), "dataset.uri: .*must name a .jsonl file"),
+        (with_changes(dataset={"uri": "s3://datasets/quickstart/"}), "dataset.uri: .*must name a JSONL or Parquet file, not a folder"),
         (with_changes(deepspeed={"zeroStage": 4}), "deepspeed.zeroStage"),
         (with_changes(dataset={"format": "csv"}), "dataset.format"),
         (with_changes(training={"sequenceLength": 8}), "training.sequenceLength"),

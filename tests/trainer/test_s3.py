@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -74,31 +75,60 @@ def test_upload_then_download_round_trips(client, bucket: str, tmp_path: Path) -
 
 
 class RecordingClient:
-    """Wraps a real client and records the order of uploads."""
+    """Wraps a real client and records every write (upload, put, copy, delete) in order."""
+
+    WRITES: ClassVar = {"upload_file": 2, "put_object": "Key", "copy": 2, "delete_object": "Key", "delete_objects": "Delete"}
 
     def __init__(self, inner) -> None:
-        self.inner, self.keys = inner, []
+        self.inner, self.writes = inner, []
 
-    def upload_file(self, filename: str, bucket: str, key: str) -> None:
-        self.keys.append(key)
-        self.inner.upload_file(filename, bucket, key)
+    def __getattr__(self, name: str):
+        method = getattr(self.inner, name)
+        if name not in self.WRITES:
+            return method
+
+        def recorded(*args, **kwargs):
+            where = self.WRITES[name]
+            target = args[where] if isinstance(where, int) else kwargs[where]
+            if name == "delete_objects":
+                target = [obj["Key"] for obj in target["Objects"]]
+            self.writes.append((name, target))
+            return method(*args, **kwargs)
+
+        return recorded
 
 
-def test_publish_uploads_files_then_manifest_last_with_matching_digests(client, s3_client, bucket: str, tmp_path: Path) -> None:
+def _adapter(tmp_path: Path) -> Path:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 8}')
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00weights" * 100)
-    config = parse_config({
+    return adapter
+
+
+def _config(bucket: str):
+    return parse_config({
         "schemaVersion": 1,
         "model": {"uri": "s3://models/tiny-llama/"},
         "dataset": {"uri": "s3://datasets/q/train.jsonl"},
         "output": {"adapterUri": f"s3://{bucket}/out"},
     })
-    recorder = RecordingClient(client)
-    publish_adapter(recorder, adapter, config, {"finalLoss": 1.5, "steps": 3})
 
-    assert recorder.keys == ["out/adapter_config.json", "out/adapter_model.safetensors", "out/manifest.json"]
+
+def test_publish_stages_verifies_copies_then_writes_the_manifest_last(client, s3_client, bucket: str, tmp_path: Path) -> None:
+    recorder = RecordingClient(client)
+    publish_adapter(recorder, _adapter(tmp_path), _config(bucket), {"finalLoss": 1.5, "steps": 3})
+
+    kinds = [kind for kind, _ in recorder.writes]
+    assert kinds == ["upload_file", "upload_file", "copy", "copy", "put_object", "delete_objects"], recorder.writes
+    staged = [key for kind, key in recorder.writes if kind == "upload_file"]
+    assert all(key.startswith("out.staging-") for key in staged)  # beside adapterUri, not inside it
+    assert [key for kind, key in recorder.writes if kind in ("copy", "put_object")] == [
+        "out/adapter_config.json", "out/adapter_model.safetensors", "out/manifest.json"]
+    assert sorted(recorder.writes[-1][1]) == sorted(staged)
+    listed = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert listed == {"out/adapter_config.json", "out/adapter_model.safetensors", "out/manifest.json"}
+
     manifest = json.loads(s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
     for entry in manifest["files"]:
         body = s3_client.get_object(Bucket=bucket, Key=f"out/{entry['path']}")["Body"].read()
@@ -108,3 +138,43 @@ def test_publish_uploads_files_then_manifest_last_with_matching_digests(client, 
     assert manifest["trainerConfig"]["output"]["adapterUri"] == f"s3://{bucket}/out/"
     assert manifest["trainerConfig"]["training"]["globalBatchSize"] == 8
     assert manifest["kubetuneVersion"] and manifest["createdAt"]
+
+
+class CorruptingClient(RecordingClient):
+    """Stores a different body than the file it is given for one object, as a faulty proxy would."""
+
+    def __init__(self, inner, victim: str, tmp_path: Path) -> None:
+        super().__init__(inner)
+        self.victim, self.tmp_path = victim, tmp_path
+
+    def upload_file(self, filename: str, bucket: str, key: str, **kwargs) -> None:
+        if key.endswith(self.victim):
+            truncated = self.tmp_path / "truncated"
+            truncated.write_bytes(Path(filename).read_bytes()[:-1])
+            filename = str(truncated)
+        self.writes.append(("upload_file", key))
+        self.inner.upload_file(filename, bucket, key, **kwargs)
+
+
+def test_failed_verification_publishes_nothing_and_cleans_up(client, s3_client, bucket: str, tmp_path: Path) -> None:
+    # An older adapter's manifest is already there: it must survive a failed re-publish untouched.
+    s3_client.put_object(Bucket=bucket, Key="out/manifest.json", Body=b'{"old": true}')
+    corrupting = CorruptingClient(client, "adapter_model.safetensors", tmp_path)
+
+    with pytest.raises(TrainerError, match=r"adapter_model.safetensors: uploaded object does not match .*size 799 vs 800.*not published"):
+        publish_adapter(corrupting, _adapter(tmp_path), _config(bucket), {"steps": 3})
+
+    listed = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert listed == {"out/manifest.json"}  # nothing copied into place, staging removed
+    assert s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read() == b'{"old": true}'
+    assert not [kind for kind, _ in corrupting.writes if kind in ("copy", "put_object")]
+
+
+def test_republishing_removes_the_old_manifest_before_files_change(client, s3_client, bucket: str, tmp_path: Path) -> None:
+    s3_client.put_object(Bucket=bucket, Key="out/manifest.json", Body=b'{"old": true}')
+    recorder = RecordingClient(client)
+    publish_adapter(recorder, _adapter(tmp_path), _config(bucket), {"steps": 3})
+    kinds = [kind for kind, _ in recorder.writes]
+    assert kinds.index("delete_object") < kinds.index("copy")
+    manifest = json.loads(s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
+    assert manifest["results"] == {"steps": 3}

@@ -87,7 +87,9 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     workdir = tmp_path / "work"
-    env = {**s3_env, "KUBETUNE_WORKDIR": str(workdir), "OMP_NUM_THREADS": "1"}
+    termination_log = tmp_path / "termination-log"
+    env = {**s3_env, "KUBETUNE_WORKDIR": str(workdir), "OMP_NUM_THREADS": "1",
+           "KUBETUNE_TERMINATION_LOG": str(termination_log)}
 
     scraper = Scraper(metrics_port)
     scraper.start()
@@ -128,6 +130,10 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
     assert results["evalLoss"] < results["initialEvalLoss"], results
     assert manifest["baseModel"]["uri"] == uploaded_assets["model"]
     assert manifest["trainerConfig"]["deepspeed"]["zeroStage"] == zero_stage
+    # Rank 0 left the same summary as the pod's termination message (the operator's results).
+    summary = json.loads(termination_log.read_text())
+    assert summary["outcome"] == "Succeeded" and summary["adapterUri"] == f"s3://adapters/{prefix}/"
+    assert (summary["steps"], summary["totalSteps"], summary["finalLoss"]) == (10, 10, results["finalLoss"])
 
     # 5. The adapter loads onto the base model with PEFT and changes its logits (under ZeRO-3
     #    an adapter saved without gathering would hold empty tensors and fail here).
@@ -162,11 +168,14 @@ def test_a_bad_dataset_fails_the_job_with_the_line_and_field_named(
     }
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {**s3_env, "KUBETUNE_WORKDIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
+    env = {**s3_env, "KUBETUNE_WORKDIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1",
+           "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log")}
 
     result = run_torchrun(config_path, env, master_port=unused_port())
 
     assert result.returncode != 0
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["outcome"] == "Failed" and "line 1: field 'body' is missing" in summary["error"], summary
     assert (
         f"kubetune-trainer: error: {uploaded_assets['train']} line 1: field 'body' is missing "
         "(set dataset.textField" in result.stdout

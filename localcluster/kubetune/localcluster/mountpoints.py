@@ -37,13 +37,30 @@ class MountPoints:
             self._users[folder] += 1
         return created
 
+    def claim_file(self, target: str) -> list[str]:
+        """Like ``claim`` for a file mount target (a termination message path such as
+        /dev/termination-log): its folders and an empty file, created when missing."""
+        path = Path(target)
+        claimed = self.claim([str(path.parent)])
+        if not path.exists():
+            path.touch()
+            claimed.append(target)
+            self._users[target] += 1
+        elif target in self._users:
+            claimed.append(target)
+            self._users[target] += 1
+        return claimed
+
     def release(self, folders: list[str]) -> None:
         for folder in sorted(folders, key=len, reverse=True):  # deepest first
             self._users[folder] -= 1
             if self._users[folder] <= 0:
                 del self._users[folder]
                 try:
-                    os.rmdir(folder)
+                    if os.path.isdir(folder):
+                        os.rmdir(folder)
+                    else:  # a file we created as a mount point; pods wrote to their own copies
+                        os.unlink(folder)
                 except OSError:
                     pass  # not empty (someone wrote there) or already gone: leave it
 

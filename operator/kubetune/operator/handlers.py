@@ -3,19 +3,34 @@
 - FineTuneJob created (or found at operator start): create its ConfigMap, Service and pods.
 - A kubetune worker pod changed: re-derive the owning job's status from all its pods.
 - FineTuneJob spec changed: warn that a running job does not pick it up.
+- FineTuneJob Running: every few seconds, scrape rank 0's /metrics into ``status.progress``.
+- Any FineTuneJob event: keep the operator's jobs-by-phase gauge current.
 Deleting a job deletes its children through ownerReferences; no finalizer is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import logging
 import threading
+import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from kubetune.operator.kube import GROUP, PLURAL, VERSION, Kube, NoCredentialsError, bearer_token, load_credentials
-from kubetune.operator.manifests import JOB_NAME_LABEL, MANAGED_BY, MANAGED_BY_LABEL, build_children
+from kubetune.operator.manifests import (
+    JOB_NAME_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    REPLICA_INDEX_LABEL,
+    build_children,
+)
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.progress import MetricsParseError, derive_progress, metrics_url
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.spec import InvalidSpecError, check_job_name, parse_spec
 from kubetune.operator.status import FINAL_PHASES, derive_status, failed_status, initial_status, observe_pod
@@ -24,7 +39,10 @@ from kubetune.operator.trainer_config import JobRef
 # Pod events of one job arrive in parallel threads; one lock per job keeps each
 # read-derive-patch cycle (and the transition events it posts) from interleaving.
 _job_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-_state: dict[str, Any] = {}
+_state: dict[str, Any] = {"metrics": OperatorMetrics()}
+PROGRESS_INTERVAL_SECONDS = 5.0
+# A scrape runs in a timer thread; a hung pod must not hold it (nor the job) for long.
+SCRAPE_TIMEOUT_SECONDS = 2.0
 
 
 def _kube() -> Kube:
@@ -37,6 +55,24 @@ def _settings() -> OperatorSettings:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def metrics() -> OperatorMetrics:
+    if "metrics" not in _state:
+        _state["metrics"] = OperatorMetrics()
+    return _state["metrics"]
+
+
+@contextlib.contextmanager
+def _reconciling(handler: str) -> Iterator[None]:
+    metrics().reconciles.labels(handler=handler).inc()
+    try:
+        yield
+    except kopf.PermanentError:
+        raise  # an outcome (e.g. an invalid spec), already reported on the job
+    except Exception:
+        metrics().reconcile_errors.labels(handler=handler).inc()
+        raise
 
 
 @kopf.on.login()
@@ -68,12 +104,19 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # nothing a handler logs can leak into Events.
     settings.posting.loggers = False
     settings.posting.reporting_component = "kubetune-operator"
+    logging.getLogger("kopf.objects").addFilter(_quiet_progress_timer)
     try:
         load_credentials()
     except NoCredentialsError as error:
         raise kopf.PermanentError(str(error)) from None  # retrying will not make a kubeconfig appear
     _state["kube"] = Kube()
     _state.setdefault("settings", OperatorSettings.from_env())
+
+
+def _quiet_progress_timer(record: logging.LogRecord) -> bool:
+    """kopf logs every successful handler run; for a timer every few seconds per job that buries
+    the log lines that matter."""
+    return not (record.levelno == logging.INFO and record.getMessage() == "Timer 'finetunejob_progress' succeeded.")
 
 
 def use_settings(settings: OperatorSettings) -> None:
@@ -83,7 +126,8 @@ def use_settings(settings: OperatorSettings) -> None:
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
 def finetunejob_create(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, logger: kopf.Logger, **_: Any) -> None:
-    _start_job(body, spec, meta, logger)
+    with _reconciling("create"):
+        _start_job(body, spec, meta, logger)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -92,7 +136,8 @@ def finetunejob_resume(
 ) -> None:
     if status.get("phase") in FINAL_PHASES:
         return  # finished jobs are history, never re-run
-    _start_job(body, spec, meta, logger)
+    with _reconciling("resume"):
+        _start_job(body, spec, meta, logger)
 
 
 def _start_job(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, logger: kopf.Logger) -> None:
@@ -112,7 +157,9 @@ def _start_job(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, logger: kopf.L
             raise kopf.PermanentError(str(error)) from None
         children = build_children(job, typed, _settings())
         kopf.adopt(children, owner=body)
-        created = [child["metadata"]["name"] for child in children if _kube().create_if_absent(child)]
+        created = [child for child in children if _kube().create_if_absent(child)]
+        metrics().pods_created.inc(sum(child["kind"] == "Pod" for child in created))
+        created = [child["metadata"]["name"] for child in created]
         logger.info("created %s", ", ".join(created) or "nothing (all children exist)")
         if not (body.get("status") or {}).get("phase"):
             _kube().patch_job_status(job.namespace, job.name, initial_status(job.generation, _now()))
@@ -130,7 +177,64 @@ def finetunejob_spec_changed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> 
 
 @kopf.on.event("", "v1", "pods", labels={MANAGED_BY_LABEL: MANAGED_BY, JOB_NAME_LABEL: kopf.PRESENT})
 def worker_pod_event(namespace: str, labels: kopf.Labels, logger: kopf.Logger, **_: Any) -> None:
-    refresh_job_status(namespace, labels[JOB_NAME_LABEL], logger)
+    with _reconciling("pod_event"):
+        refresh_job_status(namespace, labels[JOB_NAME_LABEL], logger)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def finetunejob_event(type: str | None, meta: kopf.Meta, status: kopf.Status, **_: Any) -> None:
+    if type == "DELETED":
+        metrics().job_gone(meta["namespace"], meta["name"])
+    else:
+        metrics().job_seen(meta["namespace"], meta["name"], status.get("phase"))
+
+
+def _is_running(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == "Running"
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL_SECONDS, when=_is_running)
+def finetunejob_progress(meta: kopf.Meta, logger: kopf.Logger, **_: Any) -> None:
+    scrape_progress(meta["namespace"], meta["name"], logger)
+
+
+def scrape_progress(namespace: str, job_name: str, logger: kopf.Logger) -> None:
+    """Read rank 0's /metrics into ``status.progress``. A failed scrape is no error: the job
+    runs on, the failure is counted, and the next tick tries again."""
+    pods = _kube().list_pods(namespace, {JOB_NAME_LABEL: job_name, REPLICA_INDEX_LABEL: "0"})
+    url = metrics_url(pods[0]) if pods else None
+    if url is None:
+        return  # worker-0 has no IP yet, or no metrics port to scrape
+    try:
+        text = _state.get("fetch", _fetch)(url)
+    except (OSError, http.client.HTTPException, UnicodeDecodeError) as error:
+        metrics().scrape_failures.inc()
+        logger.debug("progress scrape of %s failed: %s", url, error)
+        return
+    with _job_locks[(namespace, job_name)]:
+        job = _kube().get_job(namespace, job_name)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return
+        status = job.get("status") or {}
+        if status.get("phase") != "Running":
+            return  # finished while we scraped: the final status owns the progress now
+        try:
+            progress = derive_progress(text, status.get("progress"), _now())
+        except MetricsParseError as error:
+            metrics().scrape_failures.inc()
+            logger.debug("progress scrape of %s failed: %s", url, error)
+            return
+        if progress is not None and progress != status.get("progress"):
+            _kube().patch_job_status(namespace, job_name, {"progress": progress})
+
+
+# Pod IPs are reached directly, never through an HTTP(S)_PROXY from the environment.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _fetch(url: str) -> str:
+    with _opener.open(url, timeout=SCRAPE_TIMEOUT_SECONDS) as response:
+        return response.read().decode("utf-8")
 
 
 def refresh_job_status(namespace: str, job_name: str, logger: kopf.Logger) -> None:

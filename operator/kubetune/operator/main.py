@@ -10,10 +10,17 @@ import sys
 from kubetune.operator.settings import OperatorSettings
 
 
-def run(namespace: str | None = None, standalone: bool = True, liveness_port: int | None = None) -> None:
+def run(
+    namespace: str | None = None,
+    standalone: bool = True,
+    liveness_port: int | None = None,
+    metrics_port: int | None = None,
+) -> None:
     """Run the operator until interrupted; ``namespace`` None watches every namespace.
 
     ``standalone`` skips kopf's peering (no other operator instance to coordinate with).
+    ``metrics_port`` None takes $KUBETUNE_METRICS_PORT (default 8080); 0 serves no metrics.
+    Raises OSError when the metrics port is taken.
     """
     import kopf
     from kubetune.operator import handlers
@@ -21,7 +28,10 @@ def run(namespace: str | None = None, standalone: bool = True, liveness_port: in
     settings = OperatorSettings.from_env()
     if namespace is not None:
         settings = dataclasses.replace(settings, namespace=namespace)
+    if metrics_port is not None:
+        settings = dataclasses.replace(settings, metrics_port=metrics_port)
     handlers.use_settings(settings)
+    handlers.metrics().serve(settings.metrics_port)
     liveness = liveness_port or settings.liveness_port
     kopf.run(
         standalone=standalone,
@@ -44,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="coordinate with other operator replicas through kopf peering (needs the peering CRDs)",
     )
     parser.add_argument("--liveness-port", type=int, default=None, help="serve /healthz on this port")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve the operator's Prometheus /metrics on this port (default: $KUBETUNE_METRICS_PORT, else 8080; 0 = off)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
@@ -60,5 +76,23 @@ def main(args: argparse.Namespace) -> int:
     except (NoCredentialsError, SettingsError) as error:
         print(f"kubetune operator: {error}", file=sys.stderr)
         return 2
-    run(namespace=args.namespace, standalone=not args.peering, liveness_port=args.liveness_port)
+    metrics_port = getattr(args, "metrics_port", None)
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        print(f"kubetune operator: --metrics-port {metrics_port} is not a port; use 0 (off) or 1..65535", file=sys.stderr)
+        return 2
+    try:
+        run(
+            namespace=args.namespace,
+            standalone=not args.peering,
+            liveness_port=args.liveness_port,
+            metrics_port=metrics_port,
+        )
+    except OSError as error:
+        port = metrics_port if metrics_port is not None else OperatorSettings.from_env().metrics_port
+        print(
+            f"kubetune operator: cannot serve metrics on port {port} ({error.strerror or error}); "
+            "choose another with --metrics-port (or KUBETUNE_METRICS_PORT), or 0 to turn metrics off",
+            file=sys.stderr,
+        )
+        return 2
     return 0

@@ -179,6 +179,10 @@ def build_worker_pod(job: JobRef, spec: FineTuneJobSpec, index: int, settings: O
             {"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"},
         ],
+        # The trainer writes its outcome (final loss, or the one-line error) to the default
+        # /dev/termination-log; a crash that wrote nothing still explains itself by its log tail.
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": "trainer-config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "workdir", "mountPath": "/tmp"},

@@ -11,6 +11,8 @@ KUBETUNE_TRAINER_IMAGE             kubetune/trainer:0.1.0     image for jobs tha
 KUBETUNE_NAMESPACE                 (unset = all namespaces)   namespace the operator watches
 KUBETUNE_TRAINER_METRICS_PORT      9400                       port rank 0 serves /metrics on
 KUBETUNE_LIVENESS_PORT             (unset = off)              operator /healthz port
+KUBETUNE_METRICS_PORT              8080                       operator /metrics port; 0 = off
+                                                              (``--metrics-port`` overrides it)
 =================================  =========================  ==================================
 """
 
@@ -35,6 +37,7 @@ class OperatorSettings:
     namespace: str | None = None
     trainer_metrics_port: int = 9400
     liveness_port: int | None = None
+    metrics_port: int = 8080
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -45,6 +48,7 @@ class OperatorSettings:
             namespace=_text(env, "KUBETUNE_NAMESPACE"),
             trainer_metrics_port=_port(env, "KUBETUNE_TRAINER_METRICS_PORT") or 9400,
             liveness_port=_port(env, "KUBETUNE_LIVENESS_PORT"),
+            metrics_port=_metrics_port(env),
         )
 
 
@@ -53,10 +57,17 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-def _port(env: Mapping[str, str], name: str) -> int | None:
+def _metrics_port(env: Mapping[str, str]) -> int:
+    port = _port(env, "KUBETUNE_METRICS_PORT", allow_zero=True)
+    return 8080 if port is None else port
+
+
+def _port(env: Mapping[str, str], name: str, allow_zero: bool = False) -> int | None:
     raw = _text(env, name)
     if raw is None:
         return None
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-        raise SettingsError(f"{name}={raw!r} is not a port number; set it to 1..65535 or unset it")
+    lowest = 0 if allow_zero else 1
+    if not raw.isdigit() or not lowest <= int(raw) <= 65535:
+        hint = "0 (off) or 1..65535" if allow_zero else "1..65535"
+        raise SettingsError(f"{name}={raw!r} is not a port number; set it to {hint} or unset it")
     return int(raw)

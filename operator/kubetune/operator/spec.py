@@ -37,6 +37,18 @@ class Dataset(_Model):
     prompt_field: str = Field(default="prompt", min_length=1)
     response_field: str = Field(default="response", min_length=1)
     validation_split: float = Field(default=0.0, ge=0, le=0.5)
+    validation_uri: str | None = Field(default=None, pattern=S3_URI_PATTERN)
+    overlong: Literal["truncate", "drop"] = "truncate"
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> Dataset:
+        # Mirrors the CRD's CEL rule on spec.dataset.
+        if self.validation_uri is not None and self.validation_split != 0:
+            raise ValueError(
+                "spec.dataset.validationUri and spec.dataset.validationSplit exclude each other: "
+                "validationUri is evaluated whole, so set validationSplit to 0 (or remove validationUri)."
+            )
+        return self
 
 
 class Lora(_Model):
@@ -56,6 +68,7 @@ class Training(_Model):
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every_steps: int = Field(default=1, ge=1)
+    packing: bool = False
 
 
 class DeepSpeed(_Model):
@@ -86,6 +99,30 @@ class Workers(_Model):
 
 class Output(_Model):
     adapter_uri: str = Field(pattern=S3_URI_PATTERN)
+    checkpoint_uri: str | None = Field(default=None, pattern=S3_URI_PATTERN)
+    checkpoint_every_steps: int = Field(default=0, ge=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _checkpoints_apart_from_adapter(self) -> Output:
+        # Mirrors the CRD's CEL rule on spec.output.
+        if self.checkpoint_uri is not None:
+            adapter, checkpoints = _as_folder(self.adapter_uri), _as_folder(self.checkpoint_uri)
+            if adapter.startswith(checkpoints) or checkpoints.startswith(adapter):
+                raise ValueError(
+                    "spec.output.checkpointUri must not lie inside spec.output.adapterUri or contain "
+                    "it (checkpoints would be published with the adapter); use a separate folder "
+                    "such as s3://ckpt/<job>/."
+                )
+        return self
+
+
+def _as_folder(uri: str) -> str:
+    return uri if uri.endswith("/") else uri + "/"
+
+
+class QualityGate(_Model):
+    max_eval_loss: float | None = Field(default=None, gt=0)
 
 
 class Storage(_Model):
@@ -102,6 +139,7 @@ class FineTuneJobSpec(_Model):
     deepspeed: DeepSpeed = DeepSpeed()
     workers: Workers = Workers()
     output: Output
+    quality_gate: QualityGate = QualityGate()
     storage: Storage = Storage()
 
     @model_validator(mode="after")
@@ -114,6 +152,18 @@ class FineTuneJobSpec(_Model):
                 f"max(spec.workers.gpusPerWorker, 1) = {self.training.micro_batch_size} * "
                 f"{self.workers.replicas} * {self.workers.processes_per_worker} = {step}; "
                 f"change globalBatchSize, microBatchSize or the worker count"
+            )
+        return self
+
+
+    @model_validator(mode="after")
+    def _quality_gate_has_evaluation_data(self) -> FineTuneJobSpec:
+        if self.quality_gate.max_eval_loss is not None and not (
+            self.dataset.validation_split > 0 or self.dataset.validation_uri
+        ):
+            raise ValueError(
+                "spec.qualityGate.maxEvalLoss needs evaluation data: set spec.dataset.validationSplit "
+                "above 0 or spec.dataset.validationUri, or remove the gate."
             )
         return self
 
@@ -143,7 +193,9 @@ def describe_validation_error(error: ValidationError) -> str:
     """One line per problem, each naming the field as a user writes it (spec.a.b)."""
     lines = []
     for problem in error.errors(include_url=False):
-        if problem["type"] == "value_error" and not problem["loc"]:
+        if problem["type"] == "value_error" and (
+            not problem["loc"] or str(problem["ctx"]["error"]).startswith("spec.")
+        ):
             # Cross-field rules already name their fields.
             lines.append(str(problem["ctx"]["error"]))
             continue

@@ -2,20 +2,24 @@
 
 Phases: Pending until every worker runs, Running, Succeeded when every worker exited 0,
 Failed when any worker failed or a worker vanished after the job started running. Succeeded
-and Failed are final. Conditions keep their lastTransitionTime while their status is unchanged,
+and Failed are final. The trainer's termination message (JSON, read from worker-0 first) puts
+its one-line error into a failed job's message and its final loss into ``status.results``. Conditions keep their lastTransitionTime while their status is unchanged,
 so a re-derived status with nothing new equals the stored one (no needless patches).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from kubetune.operator.manifests import CONTAINER_NAME, REPLICA_INDEX_LABEL, pod_name
+from kubetune.operator.progress import finished_progress
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 FINAL_PHASES = ("Succeeded", "Failed")
+RESULT_KEYS = ("finalLoss", "evalLoss", "steps", "tokens")
 CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed")
 
 
@@ -29,6 +33,19 @@ class PodObservation:
     exit_code: int | None = None
     reason: str | None = None
     message: str | None = None
+    outcome: dict[str, Any] | None = None  # the trainer's JSON termination message, if it left one
+
+
+def parse_termination_message(message: str | None) -> dict[str, Any] | None:
+    """The trainer's outcome (``{"outcome": ..., ...}``); None for any other text, such as
+    the log tail the kubelet reports for a crash that wrote nothing."""
+    if not message or not message.lstrip().startswith("{"):
+        return None
+    try:
+        outcome = json.loads(message)
+    except ValueError:
+        return None
+    return outcome if isinstance(outcome, dict) and outcome.get("outcome") in ("Succeeded", "Failed") else None
 
 
 def observe_pod(pod: dict[str, Any]) -> PodObservation:
@@ -51,6 +68,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         exit_code=exit_code,
         reason=reason or status.get("reason"),
         message=message or status.get("message"),
+        outcome=parse_termination_message(message),
     )
 
 
@@ -113,13 +131,25 @@ def derive_status(
     failed = sorted((pod for pod in by_index.values() if pod.phase == "Failed"), key=lambda p: p.replica_index)
     reason = None
     adapter = None
-    if failed:
+    results = progress = None
+    trainer_error = _trainer_error(failed)
+    if trainer_error:
+        phase, reason, message = "Failed", "TrainerError", trainer_error
+    elif failed:
         phase, reason, message = "Failed", "WorkerFailed", "; ".join(_describe_failure(pod) for pod in failed)
     elif missing and started:
         phase, reason = "Failed", "WorkerMissing"
         message = f"worker pod {', '.join(missing)} disappeared while the job was running"
     elif not missing and counts["succeeded"] == replicas:
         phase, message, adapter = "Succeeded", f"adapter published to {adapter_uri}", adapter_uri
+        outcome = by_index[0].outcome if 0 in by_index else None
+        if outcome and outcome.get("outcome") == "Succeeded":
+            results = {key: outcome[key] for key in RESULT_KEYS if outcome.get(key) is not None}
+            if outcome.get("totalSteps"):
+                progress = finished_progress(previous.get("progress"), int(outcome["totalSteps"]),
+                                             outcome.get("finalLoss"))
+            if outcome.get("finalLoss") is not None:
+                message += f" (final loss {outcome['finalLoss']:.4f})"
     elif not missing and all(pod.phase in ("Running", "Succeeded") for pod in by_index.values()):
         phase, message = "Running", f"all {replicas} workers running"
     else:
@@ -135,7 +165,18 @@ def derive_status(
         now=now,
         reason=reason,
         adapter_uri=adapter,
+        results=results,
+        progress=progress,
     )
+
+
+def _trainer_error(failed: list[PodObservation]) -> str | None:
+    """The trainer's own error, from worker-0 if it has one, naming the pod it came from."""
+    for pod in failed:  # sorted by replica index: worker-0 first
+        if pod.outcome and pod.outcome.get("outcome") == "Failed" and pod.outcome.get("error"):
+            code = f" with exit code {pod.exit_code}" if pod.exit_code is not None else ""
+            return f"{pod.outcome['error']} (worker pod {pod.name} failed{code})"
+    return None
 
 
 def _describe_failure(pod: PodObservation) -> str:
@@ -144,7 +185,7 @@ def _describe_failure(pod: PodObservation) -> str:
         text += f" with exit code {pod.exit_code}"
     if pod.reason:
         text += f" ({pod.reason})"
-    if pod.message:
+    if pod.message and pod.message.strip():
         text += f": {pod.message.strip().splitlines()[-1]}"
     return text
 
@@ -167,6 +208,8 @@ def _assemble(
     now: datetime,
     reason: str | None = None,
     adapter_uri: str | None = None,
+    results: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     stamp = format_time(now)
     wanted = {
@@ -215,6 +258,12 @@ def _assemble(
         status["completionTime"] = previous.get("completionTime") or stamp
     if adapter_uri:
         status["adapter"] = {"uri": adapter_uri}
+    # Progress is scraped by a timer between pod events; carry it so a pod event keeps it.
+    progress = progress or previous.get("progress")
+    if progress:
+        status["progress"] = progress
+    if results:
+        status["results"] = results
     return status
 
 

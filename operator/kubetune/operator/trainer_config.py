@@ -36,17 +36,27 @@ def build_trainer_config(job: JobRef, spec: FineTuneJobSpec, settings: OperatorS
         "schemaVersion": SCHEMA_VERSION,
         "job": {"namespace": job.namespace, "name": job.name, "uid": job.uid},
         "model": spec.model.model_dump(by_alias=True),
-        "dataset": spec.dataset.model_dump(by_alias=True),
+        "dataset": _without_defaults(spec.dataset.model_dump(by_alias=True), keep=("uri",)),
         "lora": {**spec.lora.model_dump(by_alias=True), "targetModules": list(spec.lora.target_modules)},
-        "training": spec.training.model_dump(by_alias=True),
+        "training": _without_defaults(spec.training.model_dump(by_alias=True), keep=()),
         "deepspeed": spec.deepspeed.model_dump(by_alias=True),
-        "output": spec.output.model_dump(by_alias=True),
+        "output": _without_defaults(spec.output.model_dump(by_alias=True), keep=("adapterUri",)),
+        **({"qualityGate": {"maxEvalLoss": spec.quality_gate.max_eval_loss}}
+           if spec.quality_gate.max_eval_loss is not None else {}),
         "storage": {
             "endpoint": spec.storage.endpoint or settings.s3_endpoint,
             "region": spec.storage.region,
         },
         "metrics": {"port": settings.trainer_metrics_port},
     }
+
+
+def _without_defaults(section: dict[str, Any], *, keep: tuple[str, ...]) -> dict[str, Any]:
+    """Fields added to schema 1 after its first release are rendered only when set, so a job
+    that does not use them still runs on an older schema-1 trainer (which rejects unknown keys)."""
+    defaults = {"checkpointUri": None, "checkpointEverySteps": 0, "keepCheckpoints": 2,
+                "validationUri": None, "overlong": "truncate", "packing": False}
+    return {k: v for k, v in section.items() if k in keep or k not in defaults or v != defaults[k]}
 
 
 def render_trainer_config(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kubetune.trainer import termination
 from kubetune.trainer.config import load_config
 from kubetune.trainer.errors import TrainerError
 
@@ -28,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         from kubetune.trainer.train import run
 
-        run(config)
+        results = run(config)
     except TrainerError as exc:
         print(f"kubetune-trainer: error: {exc}", file=sys.stderr, flush=True)
+        termination.write(termination.failure_message(str(exc)))
         return 1
+    if results is not None:  # rank 0 only: it alone knows the final loss and published the adapter
+        termination.write(termination.success_message(results, config.output.adapter_uri))
     return 0
 
 

@@ -31,13 +31,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from kubetune.trainer.errors import TrainerError
 
 SCHEMA_VERSION = 1
-"""The only ``schemaVersion`` this trainer accepts; the operator renders the same number."""
+"""The only ``schemaVersion`` this trainer accepts; the operator renders the same number.
+
+Optional fields may join version 1 (output.checkpointUri, checkpointEverySteps,
+keepCheckpoints, qualityGate did); the operator renders them only when set, so jobs that
+do not use them still run on an older schema-1 trainer. Renaming, removing or changing the
+meaning of a field needs version 2."""
 
 
 class _Section(BaseModel):
@@ -82,15 +87,16 @@ class ModelConfig(_Section):
 
 
 class DatasetConfig(_Section):
-    """The training data: one JSONL file, one example per line."""
+    """The training data: one JSONL file (one example per line) or Parquet file (one per row)."""
 
     uri: str
-    """s3:// URI of the JSONL file."""
+    """s3:// URI of the JSONL or Parquet file (Parquet is recognised by its content)."""
     format: Literal["text", "chat", "instruction"] = "text"
     """How a line becomes tokens. ``text``: the string in ``textField`` is trained on whole.
     ``chat``: the list of ``{role, content}`` in ``messagesField`` is rendered with the
-    tokenizer's chat template (the tokenizer must have one). ``instruction``: ``promptField``
-    then ``responseField``; loss is taken on the response only."""
+    tokenizer's chat template (the tokenizer must have one); loss is taken on the assistant's
+    messages only. ``instruction``: ``promptField`` then ``responseField``; loss is taken on
+    the response only."""
     text_field: str = "text"
     """Key holding the text for ``format: text``."""
     messages_field: str = "messages"
@@ -102,14 +108,34 @@ class DatasetConfig(_Section):
     validation_split: float = Field(0.0, ge=0.0, le=0.5)
     """Fraction of examples held out for an evaluation loss at the end (0 = none). Larger
     values give a steadier eval loss but train on less data."""
+    validation_uri: str | None = None
+    """s3:// URI of a separate evaluation file in the same format (JSONL or Parquet), used
+    whole instead of a split; excludes ``validationSplit``. Added to schema 1 later: rendered
+    only when set."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What happens to an example longer than ``training.sequenceLength``: ``truncate`` keeps
+    its first sequenceLength tokens (a chat or instruction example may lose its answer, and is
+    then dropped), ``drop`` leaves it out. Rank 0 logs how many. Added to schema 1 later:
+    rendered only when not the default."""
 
-    @field_validator("uri")
+    @field_validator("uri", "validation_uri")
     @classmethod
-    def _s3_file(cls, v: str) -> str:
+    def _s3_file(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         v = _require_s3_uri(v, folder=False)
         if v.endswith("/"):
-            raise ValueError(f"must name a .jsonl file, not a folder (got {v!r})")
+            raise ValueError(f"must name a JSONL or Parquet file, not a folder (got {v!r})")
         return v
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DatasetConfig:
+        if self.validation_uri is not None and self.validation_split > 0:
+            raise ValueError(
+                "set validationSplit or validationUri, not both (validationUri is evaluated whole; "
+                "set validationSplit to 0)"
+            )
+        return self
 
 
 class LoraConfig(_Section):
@@ -142,13 +168,20 @@ class TrainingConfig(_Section):
     """Examples per optimizer step across all processes; must be a multiple of
     microBatchSize x world size (the remainder is made up by gradient accumulation)."""
     sequence_length: int = Field(512, ge=16)
-    """Longer examples are truncated to this many tokens."""
+    """Longest example in tokens (longer ones per ``dataset.overlong``); with ``packing``, the
+    length of each packed row."""
     seed: int = 42
     """Seeds LoRA init, dropout, the data split and the sampler: same seed, same run."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision. auto = bf16 on GPU, fp32 on CPU; bf16/fp16 need a GPU."""
     log_every_steps: int = Field(1, ge=1)
     """Rank 0 prints one progress line every this many optimizer steps."""
+    packing: bool = False
+    """Pack several examples into each row of sequenceLength tokens (position ids restart per
+    example, so none attends to another) instead of padding length-grouped batches.
+    microBatchSize and globalBatchSize then count rows. Pays off where attention skips the
+    blocks between examples (flash-attention on GPU); on CPU, padded length-grouped batches
+    were faster in our measurements. Added to schema 1 later: rendered only when true."""
 
 
 class DeepSpeedConfig(_Section):
@@ -169,10 +202,45 @@ class OutputConfig(_Section):
     """s3:// folder receiving adapter_config.json, adapter_model.safetensors, the tokenizer
     files and, written last, manifest.json (its presence means the upload is complete)."""
 
+    checkpoint_uri: str | None = None
+    """s3:// folder for checkpoints, one ``step-<N>/`` folder each with every rank's DeepSpeed
+    shards, the data position and RNG states, and a ``COMPLETE`` marker written once all
+    ranks' uploads finished. On start the trainer resumes from the newest complete one.
+    null = no checkpoints (a restart trains from step 0). It must not overlap adapterUri."""
+    checkpoint_every_steps: int = Field(0, ge=0)
+    """Checkpoint every this many optimizer steps as well as at each epoch end (0 = epoch ends
+    only). Uploads run in the background; more frequent ones lose less work on a restart."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+
     @field_validator("adapter_uri")
     @classmethod
     def _s3_folder(cls, v: str) -> str:
         return _require_s3_uri(v, folder=True)
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _s3_checkpoint_folder(cls, v: str | None) -> str | None:
+        return None if v is None else _require_s3_uri(v, folder=True)
+
+    @model_validator(mode="after")
+    def _apart(self) -> OutputConfig:
+        if self.checkpoint_uri and (
+            self.checkpoint_uri.startswith(self.adapter_uri) or self.adapter_uri.startswith(self.checkpoint_uri)
+        ):
+            raise ValueError(
+                "checkpointUri must not lie inside adapterUri or contain it (checkpoints would be "
+                "published with the adapter); use a separate folder"
+            )
+        return self
+
+
+class QualityGateConfig(_Section):
+    """What the adapter must achieve to be published."""
+
+    max_eval_loss: float | None = Field(None, gt=0)
+    """Highest accepted final eval loss (needs dataset.validationSplit > 0). Above it nothing is
+    published and the trainer exits 1 with the measured value; null = no gate."""
 
 
 class StorageConfig(_Section):
@@ -210,8 +278,19 @@ class TrainerConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     output: OutputConfig
+    quality_gate: QualityGateConfig = Field(default_factory=QualityGateConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _gate_has_evaluation_data(self) -> TrainerConfig:
+        dataset = self.dataset
+        if self.quality_gate.max_eval_loss is not None and not (dataset.validation_split > 0 or dataset.validation_uri):
+            raise ValueError(
+                "qualityGate.maxEvalLoss needs evaluation data: set dataset.validationSplit above 0 "
+                "or dataset.validationUri, or remove the gate"
+            )
+        return self
 
     def to_document(self) -> dict[str, Any]:
         """The resolved config (defaults filled in) with camelCase keys, as saved in the manifest."""

@@ -1,25 +1,38 @@
-"""Publish the trained adapter to ``output.adapterUri`` (rank 0 only).
+"""Publish the trained adapter to ``output.adapterUri`` atomically (rank 0 only).
 
-Every file of the local adapter folder (PEFT adapter + tokenizer) is uploaded first;
-``manifest.json`` goes LAST. Consumers treat "manifest.json exists" as "the adapter is
-complete": its file list (size + sha256) lets them verify what they downloaded.
+A reader that sees no ``manifest.json`` sees no adapter, so publishing goes:
+
+1. upload every file to a staging prefix beside the target, ``<adapterUri>.staging-<id>/``
+   (each object carries its sha256 as user metadata);
+2. verify the staged objects (HEAD: size and sha256) - a mismatch fails before anything
+   under adapterUri changes;
+3. remove an older ``manifest.json`` under adapterUri (a re-run over an old adapter must not
+   show the old manifest beside new files), then copy the files into place server-side;
+4. write ``manifest.json`` LAST (files with size + sha256, base model, resolved config,
+   metrics, kubetune version);
+5. delete the staging prefix (also on failure).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import uuid
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.trainer.s3 import join_uri, upload_file
+from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.s3 import copy_object, delete_object, delete_prefix, head, join_uri, put_bytes, upload_file
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
     from kubetune.trainer.config import TrainerConfig
+
+log = logging.getLogger("kubetune.trainer")
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -57,14 +70,46 @@ def build_manifest(adapter_dir: Path, config: TrainerConfig, results: dict[str, 
 def publish_adapter(
     client: S3Client, adapter_dir: Path, config: TrainerConfig, results: dict[str, Any]
 ) -> dict[str, Any]:
-    """Upload ``adapter_dir`` to ``config.output.adapterUri`` and write the manifest last."""
+    """Upload ``adapter_dir`` to ``config.output.adapterUri``; the manifest is written last."""
     manifest = build_manifest(adapter_dir, config, results)
-    for entry in manifest["files"]:
-        upload_file(client, adapter_dir / entry["path"], join_uri(config.output.adapter_uri, entry["path"]))
-    manifest_path = adapter_dir / MANIFEST_NAME
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    upload_file(client, manifest_path, join_uri(config.output.adapter_uri, MANIFEST_NAME))
+    target = config.output.adapter_uri
+    staging = staging_uri(target)
+    try:
+        for entry in manifest["files"]:
+            upload_file(client, adapter_dir / entry["path"], join_uri(staging, entry["path"]),
+                        metadata={"sha256": entry["sha256"]})
+        for entry in manifest["files"]:
+            _verify(client, join_uri(staging, entry["path"]), entry)
+        if head(client, join_uri(target, MANIFEST_NAME)) is not None:
+            delete_object(client, join_uri(target, MANIFEST_NAME))
+        for entry in manifest["files"]:
+            copy_object(client, join_uri(staging, entry["path"]), join_uri(target, entry["path"]))
+            _verify(client, join_uri(target, entry["path"]), entry)
+        put_bytes(client, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(),
+                  join_uri(target, MANIFEST_NAME))
+    finally:
+        try:
+            delete_prefix(client, staging)
+        except TrainerError as exc:  # never hide the real failure behind a cleanup one
+            log.warning("could not remove the staging prefix %s: %s", staging, exc)
     return manifest
+
+
+def staging_uri(adapter_uri: str) -> str:
+    """A fresh prefix beside (not inside) adapterUri, so listing the adapter never shows it."""
+    return f"{adapter_uri.rstrip('/')}.staging-{uuid.uuid4().hex[:12]}/"
+
+
+def _verify(client: S3Client, uri: str, entry: dict[str, Any]) -> None:
+    found = head(client, uri)
+    size = None if found is None else found.get("ContentLength")
+    digest = None if found is None else found.get("Metadata", {}).get("sha256")
+    if size != entry["size"] or digest != entry["sha256"]:
+        raise TrainerError(
+            f"{uri}: uploaded object does not match the local file (size {size} vs {entry['size']}, "
+            f"sha256 {digest} vs {entry['sha256']}); the adapter was not published - check the "
+            "S3 endpoint (storage.endpoint) for proxies or quotas that alter uploads, then restart the job"
+        )
 
 
 def _version() -> str:

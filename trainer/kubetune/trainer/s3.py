@@ -90,11 +90,71 @@ def download_prefix(client: S3Client, uri: str, dest_dir: Path) -> list[Path]:
     return written
 
 
-def upload_file(client: S3Client, path: Path, uri: str) -> None:
-    """Upload the local file ``path`` to the object ``uri``."""
+def upload_file(client: S3Client, path: Path, uri: str, *, metadata: dict[str, str] | None = None) -> None:
+    """Upload the local file ``path`` to the object ``uri`` (with user ``metadata``, if any)."""
     bucket, key = parse_s3_uri(uri)
     with _explained(uri, bucket, client):
-        client.upload_file(str(path), bucket, key)
+        if metadata:
+            client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": metadata})
+        else:
+            client.upload_file(str(path), bucket, key)
+
+
+def put_bytes(client: S3Client, data: bytes, uri: str) -> None:
+    """Write a small object (a marker, a manifest) in one request."""
+    bucket, key = parse_s3_uri(uri)
+    with _explained(uri, bucket, client):
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def head(client: S3Client, uri: str) -> dict | None:
+    """The object's HEAD response (size in ``ContentLength``, user ``Metadata``), None if absent."""
+    bucket, key = parse_s3_uri(uri)
+    try:
+        return client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return None
+        with _explained(uri, bucket, client):
+            raise
+
+
+def copy_object(client: S3Client, source_uri: str, dest_uri: str) -> None:
+    """Server-side copy (multipart for large objects): no bytes travel through the pod."""
+    src_bucket, src_key = parse_s3_uri(source_uri)
+    bucket, key = parse_s3_uri(dest_uri)
+    with _explained(dest_uri, bucket, client):
+        client.copy({"Bucket": src_bucket, "Key": src_key}, bucket, key)
+
+
+def list_keys(client: S3Client, uri: str) -> list[str]:
+    """Keys under the folder ``uri``, relative to it (empty when there are none)."""
+    bucket, prefix = parse_s3_uri(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    found: list[str] = []
+    with _explained(uri, bucket, client):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+    return found
+
+
+def delete_prefix(client: S3Client, uri: str) -> None:
+    """Delete every object under the folder ``uri`` (1000 per request)."""
+    bucket, prefix = parse_s3_uri(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    keys = [prefix + name for name in list_keys(client, uri)]
+    with _explained(uri, bucket, client):
+        for start in range(0, len(keys), 1000):
+            objects = [{"Key": key} for key in keys[start : start + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+
+
+def delete_object(client: S3Client, uri: str) -> None:
+    bucket, key = parse_s3_uri(uri)
+    with _explained(uri, bucket, client):
+        client.delete_object(Bucket=bucket, Key=key)
 
 
 def join_uri(folder_uri: str, name: str) -> str:

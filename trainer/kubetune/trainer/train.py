@@ -18,10 +18,16 @@ The recipe, top to bottom:
            -> join the process group (gloo on CPU, nccl on GPU)
            -> every node's local rank 0 downloads model + data (pods share no filesystem)
            -> load model and tokenizer, wrap with LoRA -> tokenize -> DeepSpeed engine
+           -> with output.checkpointUri: resume from the newest complete checkpoint
+              (checkpoint.py: DeepSpeed state, data position, RNG states)
   train    epochs x micro-batches; DeepSpeed accumulates gradients up to globalBatchSize and
-           steps the optimizer; stops at maxSteps; rank 0 logs and updates /metrics
+           steps the optimizer; stops at maxSteps; rank 0 logs and updates /metrics;
+           evaluates at each epoch end; checkpoints every checkpointEverySteps, at epoch ends
+           and at the end (uploads in the background)
+  gate     final evaluation; above qualityGate.maxEvalLoss every rank exits 1, nothing published
   save     gather the LoRA weights (ZeRO-3 shards them) -> save_pretrained on rank 0
-  publish  rank 0 uploads adapter + tokenizer, then manifest.json last
+  publish  rank 0 stages adapter + tokenizer beside adapterUri, verifies, copies them in,
+           then writes manifest.json last (publish.py)
   cleanup  barrier, leave the process group, remove the downloads
 
 GPU path: with CUDA visible, each process takes ``cuda:LOCAL_RANK``, the backend is nccl and
@@ -31,6 +37,7 @@ only the CPU path runs in this project's CI (tests marked ``gpu`` cover the rest
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -39,7 +46,7 @@ import socket
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +113,7 @@ def _train_and_publish(
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from transformers.utils import logging as hf_logging
 
-    from kubetune.trainer.data import read_jsonl, split_train_validation, tokenize_records
+    from kubetune.trainer.data import prepare_datasets
     from kubetune.trainer.publish import publish_adapter
     from kubetune.trainer.s3 import make_client
 
@@ -127,16 +134,18 @@ def _train_and_publish(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss anyway
-    examples = tokenize_records(
-        read_jsonl(data_path),
+    datasets = prepare_datasets(
+        data_path,
+        _validation_path(data_path) if config.dataset.validation_uri else None,
         tokenizer,
         config.dataset,
         config.training.sequence_length,
-        source=config.dataset.uri,
+        config.training.seed,
     )
-    train_set, validation_set = split_train_validation(
-        examples, config.dataset.validation_split, config.training.seed
-    )
+    if topo.is_main:
+        for note in datasets.notes:  # truncated / dropped examples, counted
+            log.info("%s", note)
+    train_set, validation_set = datasets.train, datasets.validation
     plan = _plan_steps(config, topo, train_set, accumulation)
 
     # ---- Setup 5: model wrapped with LoRA. Same seed everywhere: identical LoRA init.
@@ -173,18 +182,42 @@ def _train_and_publish(
     if metrics:
         metrics.total_steps.set(plan.total_steps)
 
-    initial_eval = _evaluate(engine, validation_set, config, topo, device, pad_id)
+    # ---- Setup 7: resume from the newest complete checkpoint, if checkpoints are on.
+    checkpointer, resumed = None, None
+    if config.output.checkpoint_uri:
+        from kubetune.trainer.checkpoint import Checkpointer, local_world_size
+
+        checkpointer = Checkpointer(
+            s3, config.output.checkpoint_uri, config.output.keep_checkpoints, workdir / "checkpoints",
+            topo.rank, topo.local_rank, local_world_size(),
+        )
+        resumed = checkpointer.resume(engine)
+
+    if resumed is None:
+        initial_eval = _evaluate(engine, validation_set, config, topo, device, pad_id)
+    else:
+        initial_eval = resumed.trainer_state.get("initialEvalLoss")
     if topo.is_main:
         log.info(
             "start job=%s/%s world_size=%d zero_stage=%d steps=%d accumulation=%d train_examples=%d "
-            "validation_examples=%d",
+            "validation_examples=%d from_step=%d",
             config.job.namespace, config.job.name, topo.world_size, config.deepspeed.zero_stage,
             plan.total_steps, accumulation, len(train_set), len(validation_set),
+            resumed.position.step if resumed else 0,
         )
 
-    # ---- Train
-    progress = _train_loop(engine, config, topo, device, pad_id, train_set, plan, metrics)
-    final_eval = _evaluate(engine, validation_set, config, topo, device, pad_id)
+    # ---- Train (evaluating at each epoch end, checkpointing as configured)
+    evaluate = functools.partial(_evaluate, engine, validation_set, config, topo, device, pad_id)
+    progress = _train_loop(
+        engine, config, topo, device, pad_id, train_set, plan, metrics,
+        checkpointer=checkpointer, resumed=resumed, evaluate=evaluate, initial_eval=initial_eval,
+    )
+    final_eval = evaluate()
+    if checkpointer:
+        checkpointer.finish()
+    if topo.is_main and final_eval is not None:
+        log.info("final eval_loss=%.6f", final_eval)
+    _check_quality_gate(config, final_eval)
 
     # ---- Save: under ZeRO-3 each rank holds a slice of every LoRA tensor; all ranks must
     # enter GatheredParameters (a collective), then rank 0 writes full tensors.
@@ -208,9 +241,12 @@ def _train_and_publish(
             "finalLoss": progress.last_loss,
             "initialEvalLoss": initial_eval,
             "evalLoss": final_eval,
+            "evalHistory": progress.evals,
+            "lossHistory": progress.history,
             "tokens": progress.tokens,
             "trainSeconds": round(progress.seconds, 3),
             "worldSize": topo.world_size,
+            "resumedFromStep": resumed.position.step if resumed else None,
         }
         publish_adapter(s3, adapter_dir, config, results)
         log.info(
@@ -239,6 +275,28 @@ class Progress:
     seconds: float = 0.0
     first_loss: float | None = None
     last_loss: float | None = None
+    history: list = field(default_factory=list)
+    """[step, mean loss over all ranks since the previous log line] per log line."""
+    evals: list = field(default_factory=list)
+    """{"epoch", "step", "evalLoss"} at each epoch end."""
+
+    def to_state(self, initial_eval: float | None) -> dict[str, Any]:
+        """What a checkpoint keeps so the resumed run reports the whole run."""
+        return {"steps": self.steps, "epoch": self.epoch, "tokens": self.tokens, "seconds": self.seconds,
+                "firstLoss": self.first_loss, "lastLoss": self.last_loss, "history": self.history,
+                "evals": self.evals, "initialEvalLoss": initial_eval}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        return cls(state["steps"], state["epoch"], state["tokens"], state["seconds"], state["firstLoss"],
+                   state["lastLoss"], list(state["history"]), list(state["evals"]))
+
+
+def _check_quality_gate(config: TrainerConfig, eval_loss: float | None) -> None:
+    """Every rank raises the same error, so every worker exits 1 with the reason."""
+    gate = config.quality_gate.max_eval_loss
+    if gate is not None and eval_loss is not None and eval_loss > gate:
+        raise TrainerError(f"eval loss {eval_loss:.4f} > qualityGate.maxEvalLoss {gate:g}: adapter not published")
 
 
 def _train_loop(
@@ -250,38 +308,50 @@ def _train_loop(
     train_set: list,
     plan: StepPlan,
     metrics: Any,
+    *,
+    checkpointer: Any = None,
+    resumed: Any = None,
+    evaluate: Any = lambda: None,
+    initial_eval: float | None = None,
 ) -> Progress:
-    from kubetune.trainer.data import collate, rank_batches
-
+    from kubetune.trainer.checkpoint import Position
     training = config.training
     accumulation = engine.gradient_accumulation_steps()
-    progress = Progress()
+    every = config.output.checkpoint_every_steps
+    fault_step = int(os.environ.get("KUBETUNE_FAULT_AFTER_STEP", "0"))  # tests only: rank 0 dies hard
+    progress = Progress.from_state(resumed.trainer_state) if resumed else Progress()
+    start = resumed.position if resumed else Position(0, 0, 0)
     # Sums since the last log line: [loss over micro-batches, micro-batches, real tokens].
-    window = torch.zeros(3, dtype=torch.float64)
+    window = torch.tensor(resumed.rank_state["window"] if resumed else [0.0, 0.0, 0.0], dtype=torch.float64)
     window_start = started = time.perf_counter()
+    seconds_before = progress.seconds
     engine.train()
-    for epoch in range(training.epochs):
+    for epoch in range(start.epoch, training.epochs):
+        if progress.steps >= plan.total_steps:
+            break
         # 1. This epoch's micro-batches for this rank: same count on every rank, a multiple
-        #    of the accumulation steps so every optimizer step is complete.
-        batches = rank_batches(
-            train_set, training.micro_batch_size, topo.world_size, topo.rank,
-            seed=training.seed, epoch=epoch,
-        )[: plan.steps_per_epoch * accumulation]
-        for index, batch in enumerate(batches):
-            inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-            # 2. Forward: HF computes the mean cross-entropy over non-masked labels.
-            loss = engine(**inputs).loss
+        #    of the accumulation steps so every optimizer step is complete. They depend only
+        #    on (seed, epoch), so a resumed run skips to its saved batch index.
+        batches = _epoch_batches(config, topo, train_set, epoch)[: plan.steps_per_epoch * accumulation]
+        first = start.batch if epoch == start.epoch else 0
+        for index in range(first, len(batches)):
+            inputs = {k: v.to(device) for k, v in batches[index].tensors(pad_id).items()}
+            # 2. Forward: HF computes the mean cross-entropy over non-masked labels. No KV
+            #    cache: with one, HF ignores packed rows' position_ids and lets the examples
+            #    of a row attend to each other.
+            loss = engine(**inputs, use_cache=False).loss
             # 3. Backward and step: DeepSpeed scales for accumulation, reduces gradients
             #    across ranks (ZeRO shards them), clips to 1.0 and steps AdamW + the LR
             #    schedule only at accumulation boundaries.
             engine.backward(loss)
             engine.step()
-            window += torch.tensor([loss.item(), 1.0, float(inputs["attention_mask"].sum())], dtype=torch.float64)
+            window += torch.tensor([loss.item(), 1.0, float(batches[index].tokens)], dtype=torch.float64)
             if (index + 1) % accumulation:
                 continue
             progress.steps += 1
             progress.epoch = epoch + (index + 1) / len(batches)
             last = progress.steps == plan.total_steps
+            epoch_end = index + 1 == len(batches)
             # 4. Log every logEverySteps (and at the end): mean loss over all ranks since the
             #    last line. The all_reduce is collective, so every rank takes this branch.
             if progress.steps % training.log_every_steps == 0 or last:
@@ -292,6 +362,7 @@ def _train_loop(
                 progress.tokens += int(window[2])
                 progress.first_loss = mean_loss if progress.first_loss is None else progress.first_loss
                 progress.last_loss = mean_loss
+                progress.history.append([progress.steps, mean_loss])
                 if topo.is_main:
                     log.info(
                         "step=%d/%d epoch=%.2f loss=%.4f lr=%.3e tokens_per_s=%.1f",
@@ -305,11 +376,28 @@ def _train_loop(
                     metrics.tokens_per_second.set(tokens_per_second)
                 window.zero_()
                 window_start = now
-            # 5. Stop at maxSteps, possibly mid-epoch.
+            # 5. Evaluate at each epoch end (the final evaluation follows the loop).
+            if epoch_end and not last:
+                eval_loss = evaluate()
+                if eval_loss is not None:
+                    progress.evals.append({"epoch": epoch + 1, "step": progress.steps, "evalLoss": eval_loss})
+                    if topo.is_main:
+                        log.info("epoch=%d step=%d eval_loss=%.4f", epoch + 1, progress.steps, eval_loss)
+            # 6. Checkpoint every checkpointEverySteps, at each epoch end and at the end; the
+            #    upload runs in the background.
+            if checkpointer and (epoch_end or last or (every and progress.steps % every == 0)):
+                progress.seconds = seconds_before + time.perf_counter() - started
+                position = Position(progress.steps, epoch + 1, 0) if epoch_end else Position(progress.steps, epoch, index + 1)
+                checkpointer.save(engine, position, progress.to_state(initial_eval), {"window": window.tolist()})
+            if fault_step and progress.steps == fault_step and topo.is_main:
+                log.warning("KUBETUNE_FAULT_AFTER_STEP=%d: rank 0 exits hard now", fault_step)
+                logging.shutdown()
+                os._exit(3)
+            # 7. Stop at maxSteps, possibly mid-epoch.
             if last:
-                progress.seconds = time.perf_counter() - started
+                progress.seconds = seconds_before + time.perf_counter() - started
                 return progress
-    progress.seconds = time.perf_counter() - started
+    progress.seconds = seconds_before + time.perf_counter() - started
     return progress
 
 
@@ -382,19 +470,34 @@ def deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,  # progress lines are ours (rank 0, logEverySteps)
         "wall_clock_breakdown": False,
+        # Pods share no filesystem: the first process of every node writes the shared files
+        # of a checkpoint to its own disk (each node uploads its part to checkpointUri).
+        "checkpoint": {"use_node_local_storage": True},
     }
 
 
-def _plan_steps(config: TrainerConfig, topo: Topology, train_set: list, accumulation: int) -> StepPlan:
-    from kubetune.trainer.data import rank_batches
+def _epoch_batches(config: TrainerConfig, topo: Topology, train_set: list, epoch: int) -> list:
+    """This rank's micro-batches of ``epoch``: a pure function of data, seed, epoch and rank."""
+    from kubetune.trainer.batching import batches_for_epoch
 
     training = config.training
-    per_rank = len(rank_batches(train_set, training.micro_batch_size, topo.world_size, topo.rank,
-                                seed=training.seed, epoch=0))
+    return batches_for_epoch(
+        train_set, micro_batch_size=training.micro_batch_size, world_size=topo.world_size, rank=topo.rank,
+        seed=training.seed, epoch=epoch, packing=training.packing, sequence_length=training.sequence_length,
+    )
+
+
+def _plan_steps(config: TrainerConfig, topo: Topology, train_set: list, accumulation: int) -> StepPlan:
+    training = config.training
+    per_rank = len(_epoch_batches(config, topo, train_set, 0))  # the same count every epoch
     steps_per_epoch = per_rank // accumulation
     if steps_per_epoch == 0:
+        packed = (
+            " packed into rows of training.sequenceLength tokens (with training.packing, batch "
+            "sizes count rows)" if training.packing else ""
+        )
         raise TrainerError(
-            f"dataset {config.dataset.uri} has {len(train_set)} training examples, fewer than one "
+            f"dataset {config.dataset.uri} has {len(train_set)} training examples{packed}, fewer than one "
             f"global batch (training.globalBatchSize = {training.global_batch_size}): add data or "
             "lower training.globalBatchSize"
         )
@@ -422,12 +525,18 @@ def _download_inputs(s3: Any, config: TrainerConfig, model_dir: Path, data_path:
     shutil.rmtree(model_dir, ignore_errors=True)
     download_prefix(s3, config.model.uri, model_dir)
     download_file(s3, config.dataset.uri, data_path)
+    if config.dataset.validation_uri:
+        download_file(s3, config.dataset.validation_uri, _validation_path(data_path))
     if not (model_dir / "config.json").is_file():
         raise TrainerError(
             f"{config.model.uri} has no config.json: model.uri must be a folder written by "
             "save_pretrained (config.json, tokenizer files, weights)"
         )
     log.info("downloaded model and dataset in %.1fs", time.perf_counter() - started)
+
+
+def _validation_path(data_path: Path) -> Path:
+    return data_path.with_name("validation")
 
 
 def _workdir(config: TrainerConfig, topo: Topology) -> Path:

@@ -7,6 +7,8 @@ Local-mode differences from a real kubelet (documented for users):
   started the cluster.
 * Only the first container of ``spec.containers`` runs (after the init containers, in order).
 * No resource limits, probes or image pulls.
+* Termination messages: a per-pod file bind-mounted at ``terminationMessagePath``; without
+  mount namespaces its path is passed in ``$KUBETUNE_TERMINATION_LOG`` instead (see termination.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.localcluster.kubelet import podconfig
+from kubetune.localcluster.kubelet import podconfig, termination
 from kubetune.localcluster.kubelet.apiclient import ApiError
 from kubetune.localcluster.kubelet.podstatus import (
     ContainerState,
@@ -91,6 +93,9 @@ class PodWorker:
     def log_path(self, container: ContainerState, restart: int | None = None) -> Path:
         n = container.restart_count if restart is None else restart
         return self.log_dir / f"{container.name}.{n}.log"
+
+    def termination_file(self, container: ContainerState) -> Path:
+        return self.dir / f"{container.name}.termination-log"
 
     @property
     def hosts_path(self) -> Path:
@@ -219,12 +224,20 @@ class PodWorker:
             )
             await self._report()
             return None, {}, []
+        # Emptied at every start: a restarted container must not report its previous message.
+        message_file = self.termination_file(container)
+        message_file.write_bytes(b"")
+        full_env = self.kubelet.base_env(self.hostname)
         if self.kubelet.network.use_mount_namespace:
+            message_path = termination.message_path(spec)
+            mounts = [*mounts, (str(message_file), message_path, False)]
             targets = [t for src, t, _ in mounts if not os.path.isfile(src)]
             working_dir = spec.get("workingDir")
             self._release_mount_points()
             self._mount_points = self.kubelet.mount_points.claim(targets + ([working_dir] if working_dir else []))
-        full_env = self.kubelet.base_env(self.hostname)
+            self._mount_points += self.kubelet.mount_points.claim_file(message_path)
+        else:
+            full_env[termination.PATH_ENV] = str(message_file)
         full_env.update(env)
         return argv, full_env, mounts
 
@@ -268,11 +281,13 @@ class PodWorker:
         code = await self.process.wait()
         if main:
             self.state.ready_since = now()
+        exit_code = 128 - code if code < 0 else code
+        message = termination.read_message(spec, self.termination_file(container), self.log_path(container), exit_code)
         if code < 0:
-            self._set_terminated(container, 128 - code, "Error", None, signal_number=-code)
-            return 128 - code
-        self._set_terminated(container, code, terminated_reason(code), None)
-        return code
+            self._set_terminated(container, exit_code, "Error", message, signal_number=-code)
+        else:
+            self._set_terminated(container, code, terminated_reason(code), message)
+        return exit_code
 
     @staticmethod
     def _set_terminated(

@@ -1,0 +1,123 @@
+"""Pure progress derivation: rank 0's /metrics text (+ the stored progress, + now) -> ``status.progress``.
+
+The trainer's gauges (trainer/kubetune/trainer/metrics.py) give step, total steps, epoch, loss
+and throughput. The ETA comes from the step rate between the last two step changes the
+operator saw: the gauges move only every ``logEverySteps``, so between changes the stored
+progress (and its ETA) is kept as is, which also spares the API a patch per scrape.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+METRIC_FIELDS = {
+    "kubetune_train_step": "step",
+    "kubetune_train_total_steps": "totalSteps",
+    "kubetune_train_epoch": "epoch",
+    "kubetune_train_loss": "loss",
+    "kubetune_train_tokens_per_second": "tokensPerSecond",
+}
+
+
+class MetricsParseError(ValueError):
+    """The scraped text is not the Prometheus exposition format."""
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The trainer's gauges by progress field name; series it does not export are left out."""
+    values: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in METRIC_FIELDS:
+                    values[METRIC_FIELDS[sample.name]] = float(sample.value)
+    except ValueError as error:
+        raise MetricsParseError(f"not Prometheus text: {error}") from None
+    return values
+
+
+def derive_progress(metrics_text: str, previous: dict[str, Any] | None, now: datetime) -> dict[str, Any] | None:
+    """``status.progress`` from one scrape; None when the trainer has not planned its steps yet.
+
+    Raises MetricsParseError on text that is not Prometheus metrics.
+    """
+    values = parse_metrics(metrics_text)
+    total = int(values.get("totalSteps", 0))
+    if total <= 0:
+        return None  # still downloading or tokenizing: nothing to show beyond "Running"
+    previous = previous or {}
+    step = min(int(values.get("step", 0)), total)
+    progress: dict[str, Any] = {"step": step, "totalSteps": total, "display": f"{step}/{total}"}
+    if step > 0:  # before the first log line the loss and throughput gauges are still 0
+        progress["epoch"] = round(values.get("epoch", 0.0), 3)
+        progress["loss"] = round(values.get("loss", 0.0), 4)
+        progress["tokensPerSecond"] = round(values.get("tokensPerSecond", 0.0), 1)
+    seen_step, seen_at = previous.get("step"), _parse_time(previous.get("stepTime"))
+    if seen_step == step and seen_at is not None:
+        # No new step since the last change: keep its time and the ETA derived then.
+        progress["stepTime"] = previous["stepTime"]
+        for key in ("eta", "etaSeconds"):
+            if key in previous:
+                progress[key] = previous[key]
+        return progress
+    progress["stepTime"] = _format_time(now)
+    if isinstance(seen_step, int) and seen_at is not None and step > seen_step and now > seen_at:
+        seconds_per_step = (now - seen_at).total_seconds() / (step - seen_step)
+        eta = round(seconds_per_step * (total - step))
+        progress["etaSeconds"] = eta
+        progress["eta"] = format_duration(eta)
+    return progress
+
+
+def finished_progress(previous: dict[str, Any] | None, total_steps: int, final_loss: float | None) -> dict[str, Any]:
+    """Progress of a succeeded job: at its last step, whatever the last scrape caught."""
+    progress = {key: value for key, value in (previous or {}).items() if key not in ("eta", "etaSeconds")}
+    progress.update(step=total_steps, totalSteps=total_steps, display=f"{total_steps}/{total_steps}",
+                    eta=format_duration(0), etaSeconds=0)
+    if final_loss is not None:
+        progress["loss"] = round(final_loss, 4)
+    return progress
+
+
+def format_duration(seconds: int) -> str:
+    """Like kubectl's ages: 45s, 3m20s, 2h5m, 1d3h."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    for layout in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return datetime.strptime(text, layout).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+    return None
+
+
+def metrics_url(pod: dict[str, Any]) -> str | None:
+    """Where rank 0 serves /metrics: the pod's IP and its container port named ``metrics``."""
+    ip = (pod.get("status") or {}).get("podIP")
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == "metrics" and port.get("containerPort") and ip:
+                host = f"[{ip}]" if ":" in ip else ip
+                return f"http://{host}:{port['containerPort']}/metrics"
+    return None

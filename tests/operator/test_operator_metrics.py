@@ -1,0 +1,57 @@
+"""The operator's own metrics: what a Prometheus scrape of the operator shows."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+from prometheus_client import generate_latest
+
+from kubetune.operator.metrics import OperatorMetrics
+
+
+def _sample(metrics: OperatorMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_jobs_by_phase_follow_each_job_until_it_is_gone() -> None:
+    metrics = OperatorMetrics()
+    assert _sample(metrics, "kubetune_operator_jobs", phase="Running") == 0  # every phase exported from the start
+    metrics.job_seen("default", "a", None)
+    metrics.job_seen("default", "b", "Running")
+    metrics.job_seen("ml", "a", "Running")
+    assert _sample(metrics, "kubetune_operator_jobs", phase="Pending") == 1
+    assert _sample(metrics, "kubetune_operator_jobs", phase="Running") == 2
+
+    metrics.job_seen("default", "b", "Succeeded")  # a job moves, it is not counted twice
+    metrics.job_gone("ml", "a")
+    metrics.job_gone("ml", "never-seen")
+    assert [_sample(metrics, "kubetune_operator_jobs", phase=p) for p in ("Pending", "Running", "Succeeded")] == [
+        1, 0, 1]
+
+
+def test_counters_are_exported_with_their_totals() -> None:
+    metrics = OperatorMetrics()
+    metrics.reconciles.labels(handler="pod_event").inc()
+    metrics.reconciles.labels(handler="pod_event").inc()
+    metrics.reconcile_errors.labels(handler="create").inc()
+    metrics.pods_created.inc(2)
+    metrics.scrape_failures.inc()
+    text = generate_latest(metrics.registry).decode()
+    assert 'kubetune_operator_reconciles_total{handler="pod_event"} 2.0' in text
+    assert 'kubetune_operator_reconcile_errors_total{handler="create"} 1.0' in text
+    assert "kubetune_operator_pods_created_total 2.0" in text
+    assert "kubetune_operator_progress_scrape_failures_total 1.0" in text
+
+
+def test_serve_answers_a_scrape_and_port_0_serves_nothing() -> None:
+    metrics = OperatorMetrics()
+    metrics.serve(0)  # off: nothing to assert but that it does not raise or bind
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    metrics.pods_created.inc()
+    metrics.serve(port)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "kubetune_operator_pods_created_total 1.0" in body
+    assert 'kubetune_operator_jobs{phase="Failed"} 0.0' in body
