@@ -83,3 +83,27 @@ def minimal_spec(**overrides: Any) -> dict[str, Any]:
     }
     spec.update(overrides)
     return spec
+
+
+def assert_cel_and_spec_agree(manifest: dict[str, Any], ok: bool, message: str, whole: bool = True) -> None:
+    """A cross-field rule lives twice, as CEL in the CRD (the API server refuses the object) and
+    in the operator's typed spec (for objects the server did not check): both must accept the
+    same manifests and refuse the rest with ``message`` (CEL's whole message unless ``whole`` is
+    False; the operator's error starts with it)."""
+    from kubetune.operator.spec import InvalidSpecError, parse_spec
+
+    failures = cel_failures(manifest)
+    assert (failures == []) is ok, failures
+    if ok:
+        parse_spec(manifest["spec"])
+        return
+    if whole:
+        assert failures == [message]
+    else:
+        assert len(failures) == 1 and failures[0].startswith(message), failures
+    try:
+        parse_spec(manifest["spec"])
+    except InvalidSpecError as err:
+        assert str(err).startswith(message), err
+    else:
+        raise AssertionError(f"the operator accepted what CEL refuses: {message}")
