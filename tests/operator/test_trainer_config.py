@@ -85,6 +85,11 @@ def test_credentials_secret_never_reaches_the_config() -> None:
                        "checkpointEverySteps": 50, "keepCheckpoints": 3},
             "qualityGate": {"maxEvalLoss": 2.5},
         },
+        {
+            "training": {"warmupSteps": 0, "minLearningRate": 1e-5, "gradientCheckpointing": True,
+                         "gradientClipping": 0.5},
+            "deepspeed": {"zeroStage": 3, "config": {"zero_optimization": {"reduce_bucket_size": 50000000}}},
+        },
     ],
 )
 def test_rendered_config_is_accepted_by_the_trainer(overrides: dict) -> None:
@@ -116,3 +121,27 @@ def test_checkpoint_and_gate_fields_are_rendered_only_when_set() -> None:
     config = build_trainer_config(QUICKSTART, spec, OperatorSettings())
     assert config["output"] == {"adapterUri": "s3://adapters/q/", "checkpointUri": "s3://ckpt/q/"}
     assert config["qualityGate"] == {"maxEvalLoss": 1.5}
+
+
+def test_schedule_and_deepspeed_options_are_rendered_only_when_set() -> None:
+    plain = build_trainer_config(QUICKSTART, parse_spec(minimal_spec()), OperatorSettings())
+    assert plain["deepspeed"] == {"zeroStage": 2, "offload": "none"}
+    assert not {"warmupSteps", "minLearningRate", "gradientCheckpointing", "gradientClipping"} & set(plain["training"])
+    spec = parse_spec(minimal_spec(
+        training={"warmupSteps": 10, "gradientCheckpointing": True},
+        deepspeed={"config": {"zero_optimization": {"overlap_comm": True}}},
+    ))
+    config = build_trainer_config(QUICKSTART, spec, OperatorSettings())
+    assert config["training"]["warmupSteps"] == 10 and config["training"]["gradientCheckpointing"] is True
+    assert "gradientClipping" not in config["training"]
+    assert config["deepspeed"]["config"] == {"zero_optimization": {"overlap_comm": True}}
+
+
+def test_operator_and_trainer_refuse_the_same_deepspeed_keys() -> None:
+    # The operator keeps its own copy (it never imports the trainer); they must not drift.
+    from kubetune.operator.spec import DEEPSPEED_OWNED_KEYS
+    from kubetune.trainer.schedule import OWNED_KEYS
+
+    assert set(DEEPSPEED_OWNED_KEYS) == set(OWNED_KEYS)
+    for key, field in OWNED_KEYS.items():
+        assert DEEPSPEED_OWNED_KEYS[key] == "spec." + field.replace(" and training.", " and spec.training.")

@@ -46,3 +46,26 @@ def test_job_name_too_long_for_pod_names() -> None:
     check_job_name("x" * 52)
     with pytest.raises(InvalidSpecError, match="metadata.name .* at most 52"):
         check_job_name("x" * 53)
+
+
+@pytest.mark.parametrize("key, field", [
+    ("train_batch_size", "spec.training.globalBatchSize"),
+    ("train_micro_batch_size_per_gpu", "spec.training.microBatchSize"),
+    ("gradient_accumulation_steps", "spec.training.globalBatchSize"),
+    ("optimizer", "spec.training.learningRate"),
+])
+def test_deepspeed_override_of_a_key_kubetune_owns_names_the_field_to_use(key: str, field: str) -> None:
+    with pytest.raises(InvalidSpecError) as error:
+        parse_spec(minimal_spec(deepspeed={"config": {key: 4, "zero_optimization": {"overlap_comm": True}}}))
+    assert f"spec.deepspeed.config.{key} is set by kubetune: use {field}" in str(error.value)
+
+
+def test_deepspeed_override_of_other_keys_is_kept_as_written() -> None:
+    override = {"zero_optimization": {"reduce_bucket_size": 5e7, "overlap_comm": True}, "comms_logger": {}}
+    assert parse_spec(minimal_spec(deepspeed={"config": override})).deepspeed.config == override
+
+
+def test_min_learning_rate_above_the_peak_is_refused() -> None:
+    with pytest.raises(InvalidSpecError, match=r"spec.training.minLearningRate \(0.01\) must not exceed "
+                                                r"spec.training.learningRate \(0.001\)"):
+        parse_spec(minimal_spec(training={"learningRate": 0.001, "minLearningRate": 0.01}))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -30,13 +31,15 @@ def unused_port() -> Callable[[], int]:
     return free_port
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto S3 server on a free loopback port; killed at the end even if tests fail."""
+@contextmanager
+def moto_server(log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A moto S3 server on a free loopback port (``env`` added to its environment, e.g.
+    INITIAL_NO_AUTH_ACTION_COUNT=0 to check credentials); killed on exit even if tests fail."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    log = log_path.open("w")
     server = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -44,7 +47,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             try:
                 requests.get(endpoint, timeout=1)
                 break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a busy machine may accept and not answer yet
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not start on port {port}") from None
                 time.sleep(0.1)
@@ -57,6 +60,20 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server shared by the session's tests."""
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def strict_moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto server that checks credentials (moto's IAM auth on): unknown keys get a 403."""
+    with moto_server(tmp_path_factory.mktemp("moto-auth") / "moto.log", {"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")

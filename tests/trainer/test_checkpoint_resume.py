@@ -24,7 +24,9 @@ def _config(name: str, moto_endpoint: str, assets: dict[str, str], zero_stage: i
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},
         # 216 training examples / (8 x 2 ranks) = 13 micro-batches per rank = 6 steps per epoch.
         "training": {"epochs": 2, "learningRate": 0.01, "microBatchSize": 8, "globalBatchSize": 32,
-                     "sequenceLength": 64, "seed": 3, "logEverySteps": 1},
+                     "sequenceLength": 64, "seed": 3, "logEverySteps": 1,
+                     # the LR schedule's position must come back too: warm-up, then cosine
+                     "warmupSteps": 3, "minLearningRate": 0.001},
         "deepspeed": {"zeroStage": zero_stage},
         "output": {"adapterUri": f"s3://adapters/{name}/", **output},
         "storage": {"endpoint": moto_endpoint},
@@ -93,6 +95,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_losses(
     for (step, expected), (_, got) in zip(reference["lossHistory"], results["lossHistory"], strict=True):
         assert got == pytest.approx(expected, abs=1e-5), f"step {step}"
     assert results["evalLoss"] == pytest.approx(reference["evalLoss"], abs=1e-5)
+    resumed_lrs = _logged_lrs(again.stdout)
+    assert sorted(resumed_lrs) == list(range(5, 13))
+    assert resumed_lrs == {step: lr for step, lr in _logged_lrs(result.stdout).items() if step >= 5}
     assert [e["evalLoss"] for e in results["evalHistory"]] == pytest.approx(
         [e["evalLoss"] for e in reference["evalHistory"]], abs=1e-5)
 
@@ -111,3 +116,13 @@ def test_a_run_killed_mid_training_resumes_to_the_same_losses(
     assert "falling back to step-10" in fallback.stdout
     assert _manifest(s3_client, resumed)["results"]["lossHistory"][-1][1] == pytest.approx(
         reference["lossHistory"][-1][1], abs=1e-5)
+
+
+def _logged_lrs(stdout: str) -> dict[int, str]:
+    """{step: lr} from rank 0's progress lines (``step=5/12 ... lr=0.0087 ...``)."""
+    found = {}
+    for line in stdout.splitlines():
+        if "kubetune.trainer: step=" in line:
+            fields = dict(pair.split("=", 1) for pair in line.split("kubetune.trainer: ")[1].split())
+            found[int(fields["step"].split("/")[0])] = fields["lr"]
+    return found

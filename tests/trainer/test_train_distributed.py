@@ -27,6 +27,12 @@ METRIC_NAMES = [
     "kubetune_train_loss",
     "kubetune_train_tokens_per_second",
     "kubetune_train_epoch",
+    "kubetune_train_eval_loss",
+    "kubetune_train_learning_rate",
+    "kubetune_train_grad_norm",
+    "kubetune_train_padded_tokens_per_second",
+    "kubetune_train_samples_per_second",
+    "kubetune_train_checkpoint_upload_seconds",
 ]
 
 
@@ -78,12 +84,22 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
         "dataset": {"uri": uploaded_assets["train"], "format": "text", "validationSplit": 0.1},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "training": {"epochs": 1, "maxSteps": 10, "learningRate": 0.01, "microBatchSize": 4, "globalBatchSize": 16,
-                     "sequenceLength": 64, "seed": 7, "logEverySteps": 5},
+                     "sequenceLength": 64, "seed": 7, "logEverySteps": 2, "warmupSteps": 4,
+                     "minLearningRate": 0.001},
         "deepspeed": {"zeroStage": zero_stage, "offload": "none"},
         "output": {"adapterUri": f"s3://adapters/{prefix}/"},
         "storage": {"endpoint": moto_endpoint, "region": "us-east-1"},
         "metrics": {"port": metrics_port},
     }
+    if zero_stage == 2:  # one background checkpoint upload, timed in /metrics
+        try:
+            s3_client.create_bucket(Bucket="ckpt")
+        except s3_client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        config["output"].update(checkpointUri=f"s3://ckpt/{prefix}/", checkpointEverySteps=4)
+    else:  # the memory-saving options, through the whole recipe
+        config["training"]["gradientCheckpointing"] = True
+        config["deepspeed"]["config"] = {"zero_optimization": {"reduce_bucket_size": 1_000_000}}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     workdir = tmp_path / "work"
@@ -99,20 +115,35 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
         scraper.stop.set()
         scraper.join()
 
-    # 1. The job succeeded, and only rank 0 logged progress (steps 5 and 10).
+    # 1. The job succeeded, and only rank 0 logged progress (every 2 steps), as key=value lines.
     assert result.returncode == 0, result.stdout[-5000:]
     progress = [line for line in result.stdout.splitlines() if "kubetune.trainer: step=" in line]
-    assert [line.split("step=")[1].split()[0] for line in progress] == ["5/10", "10/10"], result.stdout[-3000:]
+    fields = [dict(pair.split("=", 1) for pair in line.split("kubetune.trainer: ")[1].split()) for line in progress]
+    assert [f["step"] for f in fields] == ["2/10", "4/10", "6/10", "8/10", "10/10"], result.stdout[-3000:]
     assert all("rank=0" in line for line in progress)
+    assert all(float(f["grad_norm"]) > 0 and float(f["samples_per_s"]) > 0 for f in fields), progress
+    # Padded batches: every real token is computed, plus some padding.
+    assert all(float(f["padded_tokens_per_s"]) >= float(f["tokens_per_s"]) > 0 for f in fields), progress
 
-    # 2. Rank 0 served /metrics while it ran.
-    assert any(all(name in body for name in METRIC_NAMES) for body in scraper.bodies), scraper.bodies[-1:]
+    # 2. The learning rate warms up linearly over warmupSteps (4), peaks at learningRate, then
+    #    decays on a cosine towards minLearningRate.
+    lrs = [float(f["lr"]) for f in fields]
+    assert lrs[:2] == pytest.approx([0.005, 0.01]), progress
+    assert lrs[1] > lrs[2] > lrs[3] > lrs[4] > 0.001, progress
 
-    # 3. The manifest lists every uploaded file with its size and sha256; it came last.
+    # 3. Rank 0 served /metrics while it ran, with the learning rate of the logged step.
+    full = [body for body in scraper.bodies if all(name in body for name in METRIC_NAMES)]
+    assert full, scraper.bodies[-1:]
+    served = {_value(body, "kubetune_train_learning_rate") for body in full}
+    assert any(value == pytest.approx(lr, rel=1e-5) for value in served for lr in lrs), (served, lrs)
+    if zero_stage == 2:  # the step-4 checkpoint's upload was timed while training went on
+        assert any(_value(body, "kubetune_train_checkpoint_upload_seconds_count") >= 1 for body in full)
+
+    # 4. The manifest lists every uploaded file with its size and sha256; it came last.
     objects = s3_client.list_objects_v2(Bucket="adapters", Prefix=f"{prefix}/")["Contents"]
     manifest = json.loads(s3_client.get_object(Bucket="adapters", Key=f"{prefix}/manifest.json")["Body"].read())
     listed = {entry["path"]: entry for entry in manifest["files"]}
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(listed)
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "loss.png"} <= set(listed)
     assert {o["Key"][len(prefix) + 1:] for o in objects} == set(listed) | {"manifest.json"}
     download = tmp_path / "adapter"
     download.mkdir()
@@ -123,7 +154,7 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
     modified = {o["Key"].rsplit("/", 1)[1]: o["LastModified"] for o in objects}
     assert modified["manifest.json"] == max(modified.values())
 
-    # 4. Training helped: train loss and held-out loss both fell.
+    # 5. Training helped: train loss and held-out loss both fell.
     results = manifest["results"]
     assert results["steps"] == 10 and results["worldSize"] == 2
     assert results["finalLoss"] < results["initialLoss"], results
@@ -135,7 +166,7 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
     assert summary["outcome"] == "Succeeded" and summary["adapterUri"] == f"s3://adapters/{prefix}/"
     assert (summary["steps"], summary["totalSteps"], summary["finalLoss"]) == (10, 10, results["finalLoss"])
 
-    # 5. The adapter loads onto the base model with PEFT and changes its logits (under ZeRO-3
+    # 6. The adapter loads onto the base model with PEFT and changes its logits (under ZeRO-3
     #    an adapter saved without gathering would hold empty tensors and fail here).
     import torch
     from peft import PeftModel
@@ -150,7 +181,7 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
         after = tuned(ids).logits
     assert not torch.allclose(before, after, atol=1e-4)
 
-    # 6. The node's scratch downloads were removed.
+    # 7. The node's scratch downloads were removed.
     assert not (workdir / "kubetune" / f"uid-{prefix}" / "node-0").exists()
 
 
@@ -180,3 +211,9 @@ def test_a_bad_dataset_fails_the_job_with_the_line_and_field_named(
         f"kubetune-trainer: error: {uploaded_assets['train']} line 1: field 'body' is missing "
         "(set dataset.textField" in result.stdout
     ), result.stdout[-3000:]
+
+
+def _value(body: str, name: str) -> float:
+    """The value of the unlabelled series ``name`` in a Prometheus text body."""
+    (line,) = [line for line in body.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])

@@ -16,6 +16,16 @@ from pydantic.alias_generators import to_camel
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 HTTP_URL_PATTERN = r"^https?://[^\s/]+(/.*)?$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# The trainer's kubetune.trainer.schedule.OWNED_KEYS, repeated: the operator never imports
+# the trainer. tests/operator/test_trainer_config.py checks the two lists agree.
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "spec.training.globalBatchSize",
+    "train_micro_batch_size_per_gpu": "spec.training.microBatchSize",
+    "gradient_accumulation_steps": "spec.training.globalBatchSize (accumulation is derived from it)",
+    "gradient_clipping": "spec.training.gradientClipping",
+    "optimizer": "spec.training.learningRate (kubetune brings AdamW over the LoRA parameters)",
+    "scheduler": "spec.training.warmupSteps and spec.training.minLearningRate",
+}
 # Pod names are "<job>-worker-<index>" and must stay DNS labels (63 characters).
 MAX_JOB_NAME_LENGTH = 52
 
@@ -69,11 +79,38 @@ class Training(_Model):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every_steps: int = Field(default=1, ge=1)
     packing: bool = False
+    warmup_steps: int | None = Field(default=None, ge=0)
+    min_learning_rate: float = Field(default=0.0, ge=0)
+    gradient_checkpointing: bool = False
+    gradient_clipping: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _min_learning_rate_below_peak(self) -> Training:
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"spec.training.minLearningRate ({self.min_learning_rate:g}) must not exceed "
+                f"spec.training.learningRate ({self.learning_rate:g}): the cosine decay ends at it; "
+                "lower minLearningRate."
+            )
+        return self
 
 
 class DeepSpeed(_Model):
     zero_stage: Literal[1, 2, 3] = 2
     offload: Literal["none", "cpu"] = "none"
+    config: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _no_keys_kubetune_owns(self) -> DeepSpeed:
+        # Keys kubetune derives from other fields; letting the override win would silently
+        # break gradient accumulation or the LR schedule.
+        owned = [key for key in DEEPSPEED_OWNED_KEYS if key in (self.config or {})]
+        if owned:
+            raise ValueError("; ".join(
+                f"spec.deepspeed.config.{key} is set by kubetune: use {DEEPSPEED_OWNED_KEYS[key]} instead"
+                for key in owned
+            ))
+        return self
 
 
 class Resources(_Model):

@@ -39,7 +39,7 @@ def build_trainer_config(job: JobRef, spec: FineTuneJobSpec, settings: OperatorS
         "dataset": _without_defaults(spec.dataset.model_dump(by_alias=True), keep=("uri",)),
         "lora": {**spec.lora.model_dump(by_alias=True), "targetModules": list(spec.lora.target_modules)},
         "training": _without_defaults(spec.training.model_dump(by_alias=True), keep=()),
-        "deepspeed": spec.deepspeed.model_dump(by_alias=True),
+        "deepspeed": _without_defaults(spec.deepspeed.model_dump(by_alias=True), keep=()),
         "output": _without_defaults(spec.output.model_dump(by_alias=True), keep=("adapterUri",)),
         **({"qualityGate": {"maxEvalLoss": spec.quality_gate.max_eval_loss}}
            if spec.quality_gate.max_eval_loss is not None else {}),
@@ -55,7 +55,9 @@ def _without_defaults(section: dict[str, Any], *, keep: tuple[str, ...]) -> dict
     """Fields added to schema 1 after its first release are rendered only when set, so a job
     that does not use them still runs on an older schema-1 trainer (which rejects unknown keys)."""
     defaults = {"checkpointUri": None, "checkpointEverySteps": 0, "keepCheckpoints": 2,
-                "validationUri": None, "overlong": "truncate", "packing": False}
+                "validationUri": None, "overlong": "truncate", "packing": False,
+                "warmupSteps": None, "minLearningRate": 0.0, "gradientCheckpointing": False,
+                "gradientClipping": 1.0, "config": None}
     return {k: v for k, v in section.items() if k in keep or k not in defaults or v != defaults[k]}
 
 

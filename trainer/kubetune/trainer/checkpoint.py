@@ -32,6 +32,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,12 +83,13 @@ class Checkpointer:
 
     def __init__(
         self, client: S3Client, uri: str, keep: int, scratch: Path, rank: int, local_rank: int,
-        local_world_size: int,
+        local_world_size: int, on_upload: Callable[[float], None] | None = None,
     ) -> None:
         self.client, self.uri, self.keep, self.scratch = client, uri, keep, scratch
         self.rank, self.local_rank, self.local_world_size = rank, local_rank, local_world_size
         self._pending: tuple[int, threading.Thread, list[BaseException]] | None = None
         self._marker: threading.Thread | None = None
+        self._on_upload = on_upload  # rank 0 reports each upload's seconds to /metrics
 
     # ---- save ------------------------------------------------------------------------
     def save(self, engine: Any, position: Position, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
@@ -122,11 +124,14 @@ class Checkpointer:
             self._marker = None
 
     def _upload(self, local: Path, files: list[Path], name: str, errors: list[BaseException], started: float) -> None:
+        upload_started = time.perf_counter()
         try:
             for path in files:
                 upload_file(self.client, path, join_uri(join_uri(self.uri, name), path.relative_to(local).as_posix()))
-            log.info("checkpoint %s: rank %d uploaded %d files in %.1fs", name, self.rank, len(files),
-                     time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            log.info("checkpoint %s: rank %d uploaded %d files in %.1fs", name, self.rank, len(files), seconds)
+            if self._on_upload:
+                self._on_upload(time.perf_counter() - upload_started)
         except BaseException as exc:  # noqa: BLE001 - reported to every rank by _complete_pending
             errors.append(exc)
 

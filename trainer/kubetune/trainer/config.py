@@ -160,8 +160,8 @@ class TrainingConfig(_Section):
     max_steps: int | None = Field(None, ge=1)
     """Cap on optimizer steps (across all epochs); null = run every epoch to the end."""
     learning_rate: float = Field(2e-4, gt=0)
-    """Peak AdamW learning rate; linear warm-up over the first 10% of steps (max 100), then
-    linear decay to 0."""
+    """Peak AdamW learning rate, reached after ``warmupSteps`` of linear warm-up; a cosine
+    decay then takes it to ``minLearningRate`` at the last step."""
     micro_batch_size: int = Field(4, ge=1)
     """Examples per process per forward pass: bounded by memory."""
     global_batch_size: int = Field(8, ge=1)
@@ -182,6 +182,29 @@ class TrainingConfig(_Section):
     microBatchSize and globalBatchSize then count rows. Pays off where attention skips the
     blocks between examples (flash-attention on GPU); on CPU, padded length-grouped batches
     were faster in our measurements. Added to schema 1 later: rendered only when true."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Optimizer steps of linear warm-up to learningRate (0 = none); null = 10% of the steps,
+    at most 100. Longer warm-up steadies the first updates of a large learningRate. Added to
+    schema 1 later: rendered only when set."""
+    min_learning_rate: float = Field(0.0, ge=0)
+    """Where the cosine decay ends at the last step; at most learningRate (equal = constant
+    after warm-up). Added to schema 1 later: rendered only when not 0."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: roughly a third
+    more compute for much less activation memory (longer sequences, larger micro-batches).
+    Added to schema 1 later: rendered only when true."""
+    gradient_clipping: float = Field(1.0, ge=0)
+    """Largest global gradient norm before each optimizer step (0 = no clipping). Added to
+    schema 1 later: rendered only when not 1.0."""
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> TrainingConfig:
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"minLearningRate ({self.min_learning_rate:g}) must not exceed learningRate "
+                f"({self.learning_rate:g}): the cosine decay goes from learningRate down to it"
+            )
+        return self
 
 
 class DeepSpeedConfig(_Section):
@@ -193,6 +216,23 @@ class DeepSpeedConfig(_Section):
     offload: Literal["none", "cpu"] = "none"
     """cpu moves optimizer state (and, at stage 3, parameters) to host memory: fits larger
     models on a GPU at the price of speed. No effect worth having on a CPU-only run."""
+    config: dict[str, Any] | None = None
+    """Raw DeepSpeed config for experts, deep-merged over the one kubetune generates (nested
+    objects merge key by key, other values replace), e.g. ``{zero_optimization:
+    {reduce_bucket_size: 50000000}}``. Keys kubetune derives are refused with the field to
+    use instead: train_batch_size, train_micro_batch_size_per_gpu,
+    gradient_accumulation_steps, gradient_clipping, optimizer, scheduler. Added to schema 1
+    later: rendered only when set."""
+
+    @field_validator("config")
+    @classmethod
+    def _no_owned_keys(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        from kubetune.trainer.schedule import owned_key_problems
+
+        problems = owned_key_problems(v or {})
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
 
 class OutputConfig(_Section):

@@ -2,35 +2,113 @@
 
 The operator (or a PodMonitor) scrapes these to show progress in the FineTuneJob status.
 A private registry keeps the output to these series (plus nothing from other libraries).
+Rates cover the window since the previous log line (``training.logEverySteps``), all ranks
+together.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+
+# Checkpoint uploads take from well under a second (LoRA state of a small model) to minutes.
+UPLOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class TrainMetrics:
-    """The gauges one training run exports."""
+    """The series one training run exports."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, gpu: bool = False) -> None:
         self.registry = CollectorRegistry()
-        self.step = Gauge("kubetune_train_step", "Optimizer steps completed.", registry=self.registry)
-        self.total_steps = Gauge(
-            "kubetune_train_total_steps", "Optimizer steps this run will take.", registry=self.registry
-        )
+        r = self.registry
+        self.step = Gauge("kubetune_train_step", "Optimizer steps completed.", registry=r)
+        self.total_steps = Gauge("kubetune_train_total_steps", "Optimizer steps this run will take.", registry=r)
         self.loss = Gauge(
-            "kubetune_train_loss", "Training loss of the last logged step (mean over ranks).", registry=self.registry
+            "kubetune_train_loss", "Training loss of the last logged step (mean over ranks).", registry=r
         )
+        self.eval_loss = Gauge(
+            "kubetune_train_eval_loss",
+            "Validation loss of the latest evaluation (before training, each epoch end, the end); "
+            "0 without validation data.",
+            registry=r,
+        )
+        self.learning_rate = Gauge(
+            "kubetune_train_learning_rate", "Learning rate used by the last logged optimizer step.", registry=r
+        )
+        self.grad_norm = Gauge(
+            "kubetune_train_grad_norm",
+            "Global gradient norm of the last logged optimizer step, before clipping.",
+            registry=r,
+        )
+        # The operator reads this one into status.progress.tokensPerSecond: it stays non-padding.
         self.tokens_per_second = Gauge(
             "kubetune_train_tokens_per_second",
-            "Non-padding tokens processed per second, all ranks together, since the last log line.",
-            registry=self.registry,
+            "Effective tokens per second: real (non-padding) tokens, all ranks together.",
+            registry=r,
+        )
+        self.padded_tokens_per_second = Gauge(
+            "kubetune_train_padded_tokens_per_second",
+            "Token positions computed per second, padding included; the gap to "
+            "kubetune_train_tokens_per_second is compute spent on padding.",
+            registry=r,
+        )
+        self.samples_per_second = Gauge(
+            "kubetune_train_samples_per_second", "Training examples per second, all ranks together.", registry=r
         )
         self.epoch = Gauge(
-            "kubetune_train_epoch", "Fractional epoch (e.g. 1.5 = half way through the second).", registry=self.registry
+            "kubetune_train_epoch", "Fractional epoch (e.g. 1.5 = half way through the second).", registry=r
         )
+        self.checkpoint_upload_seconds = Histogram(
+            "kubetune_train_checkpoint_upload_seconds",
+            "Seconds rank 0 took to upload its part of each checkpoint (in the background).",
+            buckets=UPLOAD_BUCKETS, registry=r,
+        )
+        # Only with a GPU: a CPU run showing 0 bytes would read as a measurement.
+        self.gpu_memory_bytes = Gauge(
+            "kubetune_train_gpu_max_memory_allocated_bytes",
+            "Peak GPU memory allocated by rank 0's process so far (torch.cuda.max_memory_allocated).",
+            registry=r,
+        ) if gpu else None
 
     def serve(self, port: int) -> None:
         """Serve /metrics on every interface (the pod IP must be scrapable); port 0 = off."""
         if port:
             start_http_server(port, addr="0.0.0.0", registry=self.registry)
+
+
+class _NoBar:
+    """Stands in for tqdm when no one is watching a terminal (pod logs are not one)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **_: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, *, enabled: bool, stream=None):
+    """A tqdm bar over optimizer steps, only when ``enabled`` (rank 0) and stderr is a TTY;
+    a no-op otherwise, so ``kubectl logs`` holds the structured lines and no bar redraws."""
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    if not (enabled and stream.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="step", file=stream, dynamic_ncols=True)
+    # Log lines go through tqdm.write while the bar is shown, so they do not tear it.
+    redirect = logging_redirect_tqdm()
+    redirect.__enter__()
+    close = bar.close
+
+    def close_and_restore() -> None:
+        if not bar.disable:  # tqdm sets disable once closed
+            close()
+            redirect.__exit__(None, None, None)
+
+    bar.close = close_and_restore
+    return bar

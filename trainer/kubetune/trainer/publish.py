@@ -2,6 +2,8 @@
 
 A reader that sees no ``manifest.json`` sees no adapter, so publishing goes:
 
+0. draw ``loss.png`` (training and eval loss per step, plot.py) into the adapter folder, so
+   it is published, verified and listed in the manifest like every other file;
 1. upload every file to a staging prefix beside the target, ``<adapterUri>.staging-<id>/``
    (each object carries its sha256 as user metadata);
 2. verify the staged objects (HEAD: size and sha256) - a mismatch fails before anything
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.plot import PLOT_NAME, render_loss_curve
 from kubetune.trainer.s3 import copy_object, delete_object, delete_prefix, head, join_uri, put_bytes, upload_file
 
 if TYPE_CHECKING:
@@ -71,6 +74,7 @@ def publish_adapter(
     client: S3Client, adapter_dir: Path, config: TrainerConfig, results: dict[str, Any]
 ) -> dict[str, Any]:
     """Upload ``adapter_dir`` to ``config.output.adapterUri``; the manifest is written last."""
+    render_loss_curve(results, adapter_dir / PLOT_NAME, title=f"{config.job.namespace}/{config.job.name}")
     manifest = build_manifest(adapter_dir, config, results)
     target = config.output.adapter_uri
     staging = staging_uri(target)

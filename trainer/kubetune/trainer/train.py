@@ -54,6 +54,7 @@ import torch
 
 from kubetune.trainer.config import TrainerConfig, load_config
 from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.metrics import progress_bar
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -152,6 +153,12 @@ def _train_and_publish(
     set_seed(config.training.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_load_dtype(config, device))
     model.config.use_cache = False  # training never reuses the KV cache
+    if config.training.gradient_checkpointing:
+        # With the base model frozen no input of a checkpointed block requires grad, and the
+        # reentrant variant would then drop the LoRA gradients: non-reentrant, plus embeddings
+        # whose output requires grad (PEFT's own recipe).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     lora = config.lora
     try:
         model = get_peft_model(
@@ -168,10 +175,16 @@ def _train_and_publish(
         raise TrainerError(f"lora.targetModules {list(lora.target_modules)}: {exc}") from None
 
     # ---- Setup 6: DeepSpeed engine around the LoRA model with a torch AdamW over the
-    # trainable (LoRA) parameters only; linear warm-up then linear decay.
+    # trainable (LoRA) parameters only; linear warm-up then cosine decay. The scheduler goes
+    # to deepspeed.initialize so its state is in every checkpoint (resume continues the curve).
+    from kubetune.trainer.schedule import lr_lambda
+
+    training = config.training
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.training.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(plan.total_steps))
+    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(training.warmup_steps, plan.total_steps, training.learning_rate, training.min_learning_rate)
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -181,6 +194,7 @@ def _train_and_publish(
     pad_id = tokenizer.pad_token_id
     if metrics:
         metrics.total_steps.set(plan.total_steps)
+    on_upload = metrics.checkpoint_upload_seconds.observe if metrics else None
 
     # ---- Setup 7: resume from the newest complete checkpoint, if checkpoints are on.
     checkpointer, resumed = None, None
@@ -189,7 +203,7 @@ def _train_and_publish(
 
         checkpointer = Checkpointer(
             s3, config.output.checkpoint_uri, config.output.keep_checkpoints, workdir / "checkpoints",
-            topo.rank, topo.local_rank, local_world_size(),
+            topo.rank, topo.local_rank, local_world_size(), on_upload=on_upload,
         )
         resumed = checkpointer.resume(engine)
 
@@ -197,6 +211,8 @@ def _train_and_publish(
         initial_eval = _evaluate(engine, validation_set, config, topo, device, pad_id)
     else:
         initial_eval = resumed.trainer_state.get("initialEvalLoss")
+    if metrics and initial_eval is not None:
+        metrics.eval_loss.set(initial_eval)
     if topo.is_main:
         log.info(
             "start job=%s/%s world_size=%d zero_stage=%d steps=%d accumulation=%d train_examples=%d "
@@ -213,6 +229,8 @@ def _train_and_publish(
         checkpointer=checkpointer, resumed=resumed, evaluate=evaluate, initial_eval=initial_eval,
     )
     final_eval = evaluate()
+    if metrics and final_eval is not None:
+        metrics.eval_loss.set(final_eval)
     if checkpointer:
         checkpointer.finish()
     if topo.is_main and final_eval is not None:
@@ -321,8 +339,12 @@ def _train_loop(
     fault_step = int(os.environ.get("KUBETUNE_FAULT_AFTER_STEP", "0"))  # tests only: rank 0 dies hard
     progress = Progress.from_state(resumed.trainer_state) if resumed else Progress()
     start = resumed.position if resumed else Position(0, 0, 0)
-    # Sums since the last log line: [loss over micro-batches, micro-batches, real tokens].
-    window = torch.tensor(resumed.rank_state["window"] if resumed else [0.0, 0.0, 0.0], dtype=torch.float64)
+    # Sums since the last log line: [loss over micro-batches, micro-batches, real tokens,
+    # token positions incl. padding, examples]. Checkpoints of older trainers kept only 3.
+    saved = list(resumed.rank_state["window"]) if resumed else []
+    window = torch.tensor(saved + [0.0] * (5 - len(saved)), dtype=torch.float64)
+    bar = progress_bar(plan.total_steps, progress.steps, enabled=topo.is_main)
+    lr = grad_norm = None
     window_start = started = time.perf_counter()
     seconds_before = progress.seconds
     engine.train()
@@ -340,15 +362,24 @@ def _train_loop(
             #    cache: with one, HF ignores packed rows' position_ids and lets the examples
             #    of a row attend to each other.
             loss = engine(**inputs, use_cache=False).loss
+            boundary = engine.is_gradient_accumulation_boundary()
             # 3. Backward and step: DeepSpeed scales for accumulation, reduces gradients
-            #    across ranks (ZeRO shards them), clips to 1.0 and steps AdamW + the LR
-            #    schedule only at accumulation boundaries.
+            #    across ranks (ZeRO shards them), clips to gradientClipping and steps AdamW +
+            #    the LR schedule only at accumulation boundaries.
             engine.backward(loss)
+            if boundary:
+                lr = engine.get_lr()[0]  # before step(): the rate this step uses, not the next one's
             engine.step()
-            window += torch.tensor([loss.item(), 1.0, float(batches[index].tokens)], dtype=torch.float64)
+            window += torch.tensor(
+                [loss.item(), 1.0, float(batches[index].tokens), float(inputs["input_ids"].numel()),
+                 float(len(batches[index].examples))],
+                dtype=torch.float64,
+            )
             if (index + 1) % accumulation:
                 continue
+            grad_norm = engine.get_global_grad_norm()
             progress.steps += 1
+            bar.update(1)
             progress.epoch = epoch + (index + 1) / len(batches)
             last = progress.steps == plan.total_steps
             epoch_end = index + 1 == len(batches)
@@ -358,28 +389,43 @@ def _train_loop(
                 torch.distributed.all_reduce(window)
                 now = time.perf_counter()
                 mean_loss = float(window[0] / window[1])
-                tokens_per_second = float(window[2]) / max(now - window_start, 1e-9)
+                elapsed = max(now - window_start, 1e-9)
+                tokens_per_second = float(window[2]) / elapsed
+                padded_tokens_per_second = float(window[3]) / elapsed
+                samples_per_second = float(window[4]) / elapsed
+                grad_norm = None if grad_norm is None else float(grad_norm)
                 progress.tokens += int(window[2])
                 progress.first_loss = mean_loss if progress.first_loss is None else progress.first_loss
                 progress.last_loss = mean_loss
                 progress.history.append([progress.steps, mean_loss])
                 if topo.is_main:
                     log.info(
-                        "step=%d/%d epoch=%.2f loss=%.4f lr=%.3e tokens_per_s=%.1f",
-                        progress.steps, plan.total_steps, progress.epoch, mean_loss,
-                        engine.get_lr()[0], tokens_per_second,
+                        "step=%d/%d epoch=%.2f loss=%.4f lr=%.6g grad_norm=%s tokens_per_s=%.1f "
+                        "padded_tokens_per_s=%.1f samples_per_s=%.2f",
+                        progress.steps, plan.total_steps, progress.epoch, mean_loss, lr,
+                        _fmt(grad_norm), tokens_per_second, padded_tokens_per_second, samples_per_second,
                     )
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", refresh=False)
                 if metrics:
                     metrics.step.set(progress.steps)
                     metrics.epoch.set(progress.epoch)
                     metrics.loss.set(mean_loss)
+                    metrics.learning_rate.set(lr)
+                    if grad_norm is not None:
+                        metrics.grad_norm.set(grad_norm)
                     metrics.tokens_per_second.set(tokens_per_second)
+                    metrics.padded_tokens_per_second.set(padded_tokens_per_second)
+                    metrics.samples_per_second.set(samples_per_second)
+                    if metrics.gpu_memory_bytes is not None:
+                        metrics.gpu_memory_bytes.set(torch.cuda.max_memory_allocated(device))
                 window.zero_()
                 window_start = now
             # 5. Evaluate at each epoch end (the final evaluation follows the loop).
             if epoch_end and not last:
                 eval_loss = evaluate()
                 if eval_loss is not None:
+                    if metrics:
+                        metrics.eval_loss.set(eval_loss)
                     progress.evals.append({"epoch": epoch + 1, "step": progress.steps, "evalLoss": eval_loss})
                     if topo.is_main:
                         log.info("epoch=%d step=%d eval_loss=%.4f", epoch + 1, progress.steps, eval_loss)
@@ -395,8 +441,11 @@ def _train_loop(
                 os._exit(3)
             # 7. Stop at maxSteps, possibly mid-epoch.
             if last:
-                progress.seconds = seconds_before + time.perf_counter() - started
-                return progress
+                break
+        else:
+            continue
+        break  # maxSteps reached mid-epoch
+    bar.close()
     progress.seconds = seconds_before + time.perf_counter() - started
     return progress
 
@@ -445,6 +494,8 @@ def gradient_accumulation_steps(config: TrainerConfig, world_size: int) -> int:
 
 def deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for ``config`` on ``world_size`` processes."""
+    from kubetune.trainer.schedule import deep_merge
+
     training, ds = config.training, config.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload == "cpu":
@@ -456,11 +507,11 @@ def deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
         # LoRA matrices would never be partitioned; 0 shards every parameter.
         zero["stage3_param_persistence_threshold"] = 0
     precision = _resolved_precision(config, torch.cuda.is_available())
-    return {
+    generated = {
         "train_batch_size": training.global_batch_size,
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(config, world_size),
-        "gradient_clipping": 1.0,
+        "gradient_clipping": training.gradient_clipping,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
@@ -474,6 +525,8 @@ def deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
         # of a checkpoint to its own disk (each node uploads its part to checkpointUri).
         "checkpoint": {"use_node_local_storage": True},
     }
+    # deepspeed.config (experts): merged last; keys kubetune derives were refused when parsing.
+    return deep_merge(generated, ds.config) if ds.config else generated
 
 
 def _epoch_batches(config: TrainerConfig, topo: Topology, train_set: list, epoch: int) -> list:
@@ -505,17 +558,6 @@ def _plan_steps(config: TrainerConfig, topo: Topology, train_set: list, accumula
     if training.max_steps is not None:
         total = min(total, training.max_steps)
     return StepPlan(steps_per_epoch, total)
-
-
-def _warmup_then_decay(total_steps: int):
-    warmup = min(100, max(1, total_steps // 10))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
 
 
 def _download_inputs(s3: Any, config: TrainerConfig, model_dir: Path, data_path: Path) -> None:
@@ -598,7 +640,7 @@ def _start_metrics(config: TrainerConfig, topo: Topology) -> Any:
         return None
     from kubetune.trainer.metrics import TrainMetrics
 
-    metrics = TrainMetrics()
+    metrics = TrainMetrics(gpu=torch.cuda.is_available())
     try:
         metrics.serve(config.metrics.port)
     except OSError as exc:
