@@ -112,14 +112,10 @@ def _up_detached(directory: Path, network: str) -> int:
         return 0
     _info_path(directory).unlink(missing_ok=True)
     log_path = directory / "cluster.log"
-    env = dict(os.environ)
-    # The child must import this package even where only some source roots are installed.
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with open(log_path, "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "kubetune.localcluster", "up", "--dir", str(directory), "--network", network],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     deadline = time.monotonic() + 120
