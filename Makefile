@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	  echo "installing iproute2 and util-linux (pod networking of the embedded cluster)"; \
 	  apt-get update -qq && apt-get install -y -qq iproute2 util-linux >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --upgrade >/dev/null  # a venv made by uv has no pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	DS_BUILD_OPS=0 VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install --quiet $(UV_FLAGS) -e '.[test]'
 	touch $@
@@ -37,6 +38,9 @@ test: install ## Run the whole test suite (unit, embedded-cluster component test
 
 test-fast: install ## Unit tests only (no cluster, no training).
 	$(BIN)/pytest -m "not e2e" tests/operator tests/localcluster/test_schema.py tests/localcluster/test_tables.py $(PYTEST_ARGS)
+
+lint: install ## Static checks (ruff: unused and undefined names).
+	$(BIN)/ruff check .
 
 clean: ## Stop a local cluster left running and remove build leftovers.
 	-$(BIN)/kubetune local down

@@ -4,9 +4,7 @@ own process, worker pods running torchrun + DeepSpeed, data and adapter in the e
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace

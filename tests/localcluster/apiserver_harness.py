@@ -14,9 +14,12 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune.localcluster.apiserver import APIServer, kubeconfig
+
+if TYPE_CHECKING:  # requests is imported where used, for the few tests that need it
+    import requests
 
 KUBECTL = shutil.which("kubectl", path=os.path.dirname(sys.executable))
 

@@ -8,6 +8,8 @@ from typing import Iterator
 import pytest
 
 from apiserver_harness import RunningAPIServer, start_apiserver, stop_apiserver
+# The kubelet tests' module-scoped cluster fixture, offered to every test in this folder.
+from conftest_kubelet import cluster  # noqa: F401
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import textwrap
 
 import boto3
 import pytest
-from conftest_kubelet import Cluster, cluster, pod_manifest  # noqa: F401
+from conftest_kubelet import Cluster, pod_manifest
 
 SERVER = textwrap.dedent("""
     import socket

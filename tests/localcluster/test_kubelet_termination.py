@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest_kubelet import Cluster, cluster, pod_manifest  # noqa: F401
+from conftest_kubelet import Cluster, pod_manifest
 
 from kubetune.localcluster.kubelet import termination
 
