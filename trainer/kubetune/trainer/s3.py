@@ -35,13 +35,17 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def make_client(storage: StorageConfig) -> S3Client:
+def make_client(storage: StorageConfig, *, access_key: str | None = None,
+                secret_key: str | None = None) -> S3Client:
     """A boto3 S3 client for ``storage``: path-style addressing (works with MinIO, moto and
-    in-cluster Services whose names are not DNS wildcards) and boto's standard retry mode."""
+    in-cluster Services whose names are not DNS wildcards) and boto's standard retry mode.
+    Credentials come from boto's usual chain (in a pod: the Secret's env vars) unless given."""
     return boto3.client(
         "s3",
         endpoint_url=storage.endpoint,
         region_name=storage.region,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
         config=Config(
             s3={"addressing_style": "path"},
             retries={"mode": "standard", "max_attempts": 5},

@@ -146,17 +146,11 @@ def upload_demo_assets(
 
     Builds the assets in a temporary folder unless ``assets_dir`` already holds them.
     """
-    import boto3
-    from botocore.config import Config
+    from kubetune.trainer.config import StorageConfig
+    from kubetune.trainer.s3 import make_client
 
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=region,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard"}),
-    )
+    client = make_client(StorageConfig(endpoint=endpoint, region=region),
+                         access_key=access_key, secret_key=secret_key)
     existing = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
     for bucket in BUCKETS:
         if bucket not in existing:
