@@ -10,8 +10,9 @@ BIN    := $(VENV)/bin
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
-.PHONY: help install demo test test-fast lint clean
+.PHONY: help install demo test test-fast lint bench clean
 
 help: ## Show the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +43,9 @@ test-fast: install ## Unit tests only (no cluster, no training).
 lint: install ## Static checks (ruff: unused and undefined names).
 	$(BIN)/ruff check .
 
+bench: install ## Trainer benchmark vs HF Trainer and a bare loop (~25 min; writes BENCHMARKS.md).
+	$(BIN)/python benchmarks/trainer_bench.py $(BENCH_ARGS)
+
 clean: ## Stop a local cluster left running and remove build leftovers.
 	-$(BIN)/kubetune local down
-	rm -rf .kubetune .pytest_cache
+	rm -rf .kubetune .pytest_cache .bench

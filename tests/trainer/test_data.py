@@ -186,10 +186,11 @@ def test_nothing_left_after_filtering_is_an_error_that_says_what_to_change(overl
     assert str(error.value).endswith("raise training.sequenceLength" + (f" {fix}" if fix else ""))
 
 
-def test_collate_pads_right_and_masks_padding_from_loss_and_attention() -> None:
+def test_collate_pads_right_and_masks_padding_from_the_loss() -> None:
+    # No attention mask: right padding is invisible to a causal LM (test_loss.py proves it).
     batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_token_id=0)
+    assert set(batch) == {"input_ids", "labels"}
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
 
 

@@ -64,6 +64,22 @@ def test_padded_batches_group_similar_lengths_to_limit_padding() -> None:
     assert all(not b.packed and all(len(row) == 1 for row in b.rows) for b in share)
 
 
+def test_ranks_get_neighbours_in_length_at_the_same_step() -> None:
+    # ZeRO reduces gradients after every micro-batch, so a rank with short examples waits for
+    # one with long ones: the k-th micro-batches of all ranks should be about as wide.
+    examples = fake_examples([(i * 37) % 500 + 1 for i in range(1024)])
+    shares = [batches(examples, micro_batch_size=8, world_size=2, rank=rank, seed=0) for rank in range(2)]
+
+    def width(batch: MicroBatch) -> int:
+        return max(len(e.input_ids) for e in batch.examples)
+
+    gaps = [abs(width(a) - width(b)) for a, b in zip(*shares)]
+    widths = sorted(width(batch) for share in shares for batch in share)
+    typical_gap_of_random_pairs = (widths[3 * len(widths) // 4] - widths[len(widths) // 4]) / 2
+    assert max(gaps) < 40 < typical_gap_of_random_pairs
+    assert sum(gaps) / len(gaps) < 10
+
+
 def test_packing_fills_rows_without_splitting_or_losing_examples() -> None:
     lengths = [(i * 37) % 200 + 1 for i in range(300)]
     rows = pack_rows(fake_examples(lengths), 256, seed=0)

@@ -5,7 +5,8 @@ Two ways to batch (``training.packing``):
 
 - padded (default): a seeded shuffle, then examples of similar length share a micro-batch
   (sorted within windows of :data:`LENGTH_GROUP_BATCHES` micro-batches), right-padded to the
-  longest; padding is masked from attention and loss.
+  longest; padding is masked from the loss (see :func:`kubetune.trainer.data.collate` for why
+  it needs no attention mask).
 - packed: examples are packed once (seeded best-fit-decreasing) into rows of at most
   ``sequenceLength`` tokens; each epoch shuffles the rows. A packed batch has ``position_ids``
   that restart at 0 for every example and no ``attention_mask``: that is how HF models
@@ -15,7 +16,10 @@ Two ways to batch (``training.packing``):
   to each other.
 
 Every rank builds the same global list from ``seed`` and ``epoch`` and takes every
-``world_size``-th micro-batch, dropping the remainder so ranks run the same count.
+``world_size``-th micro-batch, dropping the remainder so ranks run the same count. Padded
+micro-batches are dealt in rounds of ``world_size`` neighbours in length: ZeRO reduces
+gradients after every micro-batch, so each one costs what the slowest rank's costs, and a
+rank given 500-token examples while another has 20-token ones would leave the other idle.
 ``start=N`` skips the first N micro-batches of the epoch (resuming mid-epoch).
 """
 
@@ -29,9 +33,10 @@ import torch
 
 from kubetune.trainer.data import IGNORE_INDEX, Example, collate
 
-LENGTH_GROUP_BATCHES = 32
+LENGTH_GROUP_BATCHES = 64
 """How many micro-batches share one sort-by-length window: wider windows pad less but
-shuffle less."""
+shuffle less. On long-tailed lengths (median ~100, up to 512 tokens, batches of 8) 16 pads
+8.5% of positions, 32 5.2%, 64 2.5%, 128 1.2%."""
 
 PACK_WINDOW = 4096
 """Examples packed together at most: bounds packing time; wider windows fill rows a little
@@ -54,6 +59,11 @@ class MicroBatch:
     def tokens(self) -> int:
         """Real (not padding) tokens: what tokens/s counts."""
         return sum(len(example.input_ids) for row in self.rows for example in row)
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens the loss is taken on: what a micro-batch weighs in its optimizer step."""
+        return sum(example.trained_tokens for example in self.examples)
 
     def tensors(self, pad_token_id: int) -> dict[str, torch.Tensor]:
         """The model's keyword arguments (besides ``use_cache=False``)."""
@@ -91,11 +101,13 @@ def batches_for_epoch(
             for b in range(0, len(rows) - micro_batch_size + 1, micro_batch_size)
         ]
     else:
+        groups = _length_grouped(examples, micro_batch_size, rng)
+        # Neighbours in length go to different ranks at the same time (see the module doc).
+        rounds = [groups[r : r + world_size] for r in range(0, len(groups) - world_size + 1, world_size)]
+        rng.shuffle(rounds)
         batches = [
-            MicroBatch(tuple((example,) for example in group), packed=False)
-            for group in _length_grouped(examples, micro_batch_size, rng)
+            MicroBatch(tuple((example,) for example in group), packed=False) for round_ in rounds for group in round_
         ]
-        rng.shuffle(batches)
     per_rank = len(batches) // world_size
     return batches[rank::world_size][:per_rank][start:]
 

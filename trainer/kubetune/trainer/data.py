@@ -251,17 +251,21 @@ def split_train_validation(
 
 
 def collate(batch: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked from attention and loss."""
+    """Right-pad to the longest example; padding is masked from the loss.
+
+    No attention mask, on purpose: in a causal LM a token attends only to earlier positions,
+    and right padding comes after every real token, so no real token can see padding and its
+    output is exactly the unpadded one (positions count from 0 either way). Without a mask
+    the attention kernels take their causal fast path instead of applying a dense mask.
+    """
     width = max(len(example.input_ids) for example in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, example in enumerate(batch):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def _text_example(

@@ -262,6 +262,7 @@ def _train_and_publish(
             "evalHistory": progress.evals,
             "lossHistory": progress.history,
             "tokens": progress.tokens,
+            "positions": progress.positions,
             "trainSeconds": round(progress.seconds, 3),
             "worldSize": topo.world_size,
             "resumedFromStep": resumed.position.step if resumed else None,
@@ -290,6 +291,9 @@ class Progress:
     steps: int = 0
     epoch: float = 0.0
     tokens: int = 0
+    positions: int = 0
+    """Token positions run through the model, padding included (tokens / positions = how
+    much of the compute trained something)."""
     seconds: float = 0.0
     first_loss: float | None = None
     last_loss: float | None = None
@@ -300,14 +304,15 @@ class Progress:
 
     def to_state(self, initial_eval: float | None) -> dict[str, Any]:
         """What a checkpoint keeps so the resumed run reports the whole run."""
-        return {"steps": self.steps, "epoch": self.epoch, "tokens": self.tokens, "seconds": self.seconds,
+        return {"steps": self.steps, "epoch": self.epoch, "tokens": self.tokens, "positions": self.positions,
+                "seconds": self.seconds,
                 "firstLoss": self.first_loss, "lastLoss": self.last_loss, "history": self.history,
                 "evals": self.evals, "initialEvalLoss": initial_eval}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
-        return cls(state["steps"], state["epoch"], state["tokens"], state["seconds"], state["firstLoss"],
-                   state["lastLoss"], list(state["history"]), list(state["evals"]))
+        return cls(state["steps"], state["epoch"], state["tokens"], state.get("positions", 0), state["seconds"],
+                   state["firstLoss"], state["lastLoss"], list(state["history"]), list(state["evals"]))
 
 
 def _check_quality_gate(config: TrainerConfig, eval_loss: float | None) -> None:
@@ -333,14 +338,17 @@ def _train_loop(
     initial_eval: float | None = None,
 ) -> Progress:
     from kubetune.trainer.checkpoint import Position
+    from kubetune.trainer.loss import next_token_loss, output_layer
+
     training = config.training
+    head = output_layer(engine.module)
     accumulation = engine.gradient_accumulation_steps()
     every = config.output.checkpoint_every_steps
     fault_step = int(os.environ.get("KUBETUNE_FAULT_AFTER_STEP", "0"))  # tests only: rank 0 dies hard
     progress = Progress.from_state(resumed.trainer_state) if resumed else Progress()
     start = resumed.position if resumed else Position(0, 0, 0)
-    # Sums since the last log line: [loss over micro-batches, micro-batches, real tokens,
-    # token positions incl. padding, examples]. Checkpoints of older trainers kept only 3.
+    # Sums since the last log line: [summed loss, trained tokens, real tokens, token
+    # positions incl. padding, examples]. Checkpoints of older trainers kept only 3.
     saved = list(resumed.rank_state["window"]) if resumed else []
     window = torch.tensor(saved + [0.0] * (5 - len(saved)), dtype=torch.float64)
     bar = progress_bar(plan.total_steps, progress.steps, enabled=topo.is_main)
@@ -357,21 +365,25 @@ def _train_loop(
         batches = _epoch_batches(config, topo, train_set, epoch)[: plan.steps_per_epoch * accumulation]
         first = start.batch if epoch == start.epoch else 0
         for index in range(first, len(batches)):
+            if index % accumulation == 0:  # an optimizer step begins: how many tokens it trains
+                step_tokens = _trained_tokens_all_ranks(batches[index : index + accumulation])
             inputs = {k: v.to(device) for k, v in batches[index].tensors(pad_id).items()}
-            # 2. Forward: HF computes the mean cross-entropy over non-masked labels. No KV
-            #    cache: with one, HF ignores packed rows' position_ids and lets the examples
-            #    of a row attend to each other.
-            loss = engine(**inputs, use_cache=False).loss
+            # 2. Forward: summed cross-entropy over the trained tokens, with the output layer
+            #    run on those positions only (loss.py). No KV cache: with one, HF ignores packed
+            #    rows' position_ids and lets the examples of a row attend to each other.
+            summed, trained = next_token_loss(engine, head, inputs)
             boundary = engine.is_gradient_accumulation_boundary()
-            # 3. Backward and step: DeepSpeed scales for accumulation, reduces gradients
-            #    across ranks (ZeRO shards them), clips to gradientClipping and steps AdamW +
-            #    the LR schedule only at accumulation boundaries.
-            engine.backward(loss)
+            # 3. Backward and step: DeepSpeed divides by the accumulation steps and averages
+            #    over ranks (ZeRO shards the gradients), so this scale makes the gradient that of
+            #    the mean over every token of the global batch: a micro-batch of short examples
+            #    weighs what its tokens weigh, as in HF's Trainer. It then clips to
+            #    gradientClipping and steps AdamW + the LR schedule at accumulation boundaries.
+            engine.backward(summed * (accumulation * topo.world_size / step_tokens))
             if boundary:
                 lr = engine.get_lr()[0]  # before step(): the rate this step uses, not the next one's
             engine.step()
             window += torch.tensor(
-                [loss.item(), 1.0, float(batches[index].tokens), float(inputs["input_ids"].numel()),
+                [summed.item(), float(trained), float(batches[index].tokens), float(inputs["input_ids"].numel()),
                  float(len(batches[index].examples))],
                 dtype=torch.float64,
             )
@@ -388,13 +400,14 @@ def _train_loop(
             if progress.steps % training.log_every_steps == 0 or last:
                 torch.distributed.all_reduce(window)
                 now = time.perf_counter()
-                mean_loss = float(window[0] / window[1])
+                mean_loss = float(window[0] / max(window[1], 1.0))
                 elapsed = max(now - window_start, 1e-9)
                 tokens_per_second = float(window[2]) / elapsed
                 padded_tokens_per_second = float(window[3]) / elapsed
                 samples_per_second = float(window[4]) / elapsed
                 grad_norm = None if grad_norm is None else float(grad_norm)
                 progress.tokens += int(window[2])
+                progress.positions += int(window[3])
                 progress.first_loss = mean_loss if progress.first_loss is None else progress.first_loss
                 progress.last_loss = mean_loss
                 progress.history.append([progress.steps, mean_loss])
@@ -458,25 +471,36 @@ def _evaluate(
     Ranks with no batch left run batch 0 with weight 0: under ZeRO-3 every forward is a
     collective (parameters are gathered), so all ranks must run the same number of them.
     """
-    from kubetune.trainer.data import IGNORE_INDEX, collate
+    from kubetune.trainer.data import collate
+    from kubetune.trainer.loss import next_token_loss, output_layer
 
     if not examples:
         return None
     size = config.training.micro_batch_size
-    batches = [examples[i : i + size] for i in range(0, len(examples), size)]
-    totals = torch.zeros(2, dtype=torch.float64)  # [loss x tokens, tokens]
+    # The token-weighted mean does not depend on the order; sorted by length, batches pad little.
+    ordered = sorted(examples, key=lambda example: len(example.input_ids))
+    batches = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    totals = torch.zeros(2, dtype=torch.float64)  # [summed loss, tokens]
+    head = output_layer(engine.module)
     engine.eval()
     with torch.no_grad():
         for j in range(math.ceil(len(batches) / topo.world_size)):
             index = topo.rank + j * topo.world_size
             real = index < len(batches)
             inputs = {k: v.to(device) for k, v in collate(batches[index if real else 0], pad_id).items()}
-            loss = engine(**inputs).loss
-            tokens = float((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) if real else 0.0
-            totals += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64)
+            summed, count = next_token_loss(engine, head, inputs)
+            if real:
+                totals += torch.tensor([summed.item(), float(count)], dtype=torch.float64)
     engine.train()
     torch.distributed.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] else None
+
+
+def _trained_tokens_all_ranks(micro_batches: list) -> float:
+    """Tokens trained by one optimizer step over all ranks (one small all_reduce per step)."""
+    count = torch.tensor([float(sum(batch.trained_tokens for batch in micro_batches))], dtype=torch.float64)
+    torch.distributed.all_reduce(count)
+    return max(float(count), 1.0)
 
 
 def gradient_accumulation_steps(config: TrainerConfig, world_size: int) -> int:

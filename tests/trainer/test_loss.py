@@ -1,0 +1,148 @@
+"""The training loss: the value HF computes, from fewer FLOPs.
+
+- Right-padded batches need no attention mask in a causal LM: every real token's logits equal
+  those of its example run alone (and the same comparison catches left padding, where the
+  mask would matter).
+- ``next_token_loss`` (output layer on trained positions only) equals HF's own loss, for
+  padded, prompt-masked and packed batches, and gives the same LoRA gradients.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubetune.trainer.batching import MicroBatch
+from kubetune.trainer.data import IGNORE_INDEX, Example, collate
+from kubetune.trainer.loss import next_token_loss, output_layer
+
+LENGTHS = [23, 5, 40, 1, 17, 31]
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request: pytest.FixtureRequest, tiny_assets: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "tiny-llama", attn_implementation=request.param)
+    return model.eval()
+
+
+def examples(vocab: int, prompt_fraction: int = 0) -> list[Example]:
+    """Random examples; with ``prompt_fraction`` k, the first n // k tokens are an untrained prompt."""
+    generator = torch.Generator().manual_seed(0)
+    result = []
+    for n in LENGTHS:
+        ids = torch.randint(6, vocab, (n,), generator=generator).tolist()  # 0-5 are special tokens
+        prompt = n // prompt_fraction if prompt_fraction else 1
+        result.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return result
+
+
+def alone(model, example: Example) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
+
+
+def test_right_padding_needs_no_attention_mask(model) -> None:
+    data = examples(model.config.vocab_size)
+    inputs = collate(data, pad_token_id=0)
+    assert set(inputs) == {"input_ids", "labels"}
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], use_cache=False).logits
+    for row, example in enumerate(data):
+        n = len(example.input_ids)
+        assert torch.allclose(logits[row, :n], alone(model, example), atol=1e-5)
+
+
+def test_the_same_check_fails_for_left_padding_without_a_mask(model) -> None:
+    # Negative control: with padding BEFORE the tokens (and no mask) real tokens attend to it.
+    data = examples(model.config.vocab_size)
+    width = max(len(e.input_ids) for e in data)
+    ids = torch.zeros((len(data), width), dtype=torch.long)
+    for row, example in enumerate(data):
+        ids[row, width - len(example.input_ids) :] = torch.tensor(example.input_ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    short = min(range(len(data)), key=lambda r: len(data[r].input_ids))
+    gap = (logits[short, -len(data[short].input_ids) :] - alone(model, data[short])).abs().max()
+    assert gap > 1e-2
+
+
+def hf_loss(model, inputs: dict[str, torch.Tensor], **extra) -> torch.Tensor:
+    return model(**inputs, **extra, use_cache=False).loss
+
+
+def attention_mask(data: list[Example], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mask HF would be given for this right-padded batch: 1 on real tokens."""
+    width = inputs["input_ids"].shape[1]
+    return (torch.arange(width) < torch.tensor([[len(e.input_ids)] for e in data])).long()
+
+
+@pytest.mark.parametrize("prompt_fraction", [0, 2], ids=["text", "prompt-masked"])
+def test_loss_equals_hf_loss_on_padded_batches(model, prompt_fraction: int) -> None:
+    data = examples(model.config.vocab_size, prompt_fraction)
+    inputs = collate(data, pad_token_id=0)
+    with torch.no_grad():
+        summed, count = next_token_loss(model, output_layer(model), inputs)
+        expected = hf_loss(model, inputs, attention_mask=attention_mask(data, inputs))
+    assert count == sum(e.trained_tokens for e in data)
+    assert torch.allclose(summed / count, expected, atol=1e-5)
+
+
+def test_loss_equals_hf_loss_on_packed_batches(model) -> None:
+    data = examples(model.config.vocab_size, 3)
+    inputs = MicroBatch((tuple(data[:3]), tuple(data[3:])), packed=True).tensors(pad_token_id=0)
+    with torch.no_grad():
+        summed, count = next_token_loss(model, output_layer(model), inputs)
+        expected = hf_loss(model, inputs)
+    assert torch.allclose(summed / count, expected, atol=1e-5)
+
+
+def test_lora_gradients_equal_those_of_hf_loss(tiny_assets: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "tiny-llama")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    data = examples(model.config.vocab_size, 2)
+    inputs = collate(data, pad_token_id=0)
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    summed, count = next_token_loss(model, output_layer(model), inputs)
+    ours = gradients(summed / count)
+    theirs = gradients(hf_loss(model, inputs, attention_mask=attention_mask(data, inputs)))
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_batch_with_nothing_to_train_gives_zero_loss_that_still_backpropagates(tiny_assets: Path) -> None:
+    # Every rank must run the same backward under ZeRO, even on a batch whose labels are all masked.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_assets / "tiny-llama"),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    inputs = collate([Example([7, 8, 9], [IGNORE_INDEX] * 3)], pad_token_id=0)
+    loss, count = next_token_loss(model, output_layer(model), inputs)
+    assert count == 0 and loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_hook_is_removed_even_when_the_forward_fails(tiny_assets: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "tiny-llama")
+    head = output_layer(model)
+    bad = {"input_ids": torch.tensor([[10**6]]), "labels": torch.tensor([[1]])}  # id past the vocabulary
+    with pytest.raises(IndexError):
+        next_token_loss(model, head, bad)
+    assert not head._forward_pre_hooks
