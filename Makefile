@@ -43,7 +43,7 @@ test-fast: install ## Unit tests only (no cluster, no training).
 lint: install ## Static checks (ruff: unused and undefined names).
 	$(BIN)/ruff check .
 
-bench: install ## Trainer benchmark vs HF Trainer and a bare loop (~25 min; writes BENCHMARKS.md).
+bench: install ## Trainer benchmark vs HF Trainer and a bare loop (~45 min; writes BENCHMARKS.md).
 	$(BIN)/python benchmarks/trainer_bench.py $(BENCH_ARGS)
 
 clean: ## Stop a local cluster left running and remove build leftovers.
