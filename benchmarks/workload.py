@@ -56,6 +56,14 @@ class Workload:
     def to_json(self) -> dict[str, Any]:
         return {"version": WORKLOAD_VERSION, **asdict(self)}
 
+    @classmethod
+    def from_file(cls, path: Path) -> "Workload":
+        """The workload the harness wrote for the contenders (``to_json``)."""
+        spec = json.loads(Path(path).read_text())
+        if spec.pop("version") != WORKLOAD_VERSION:
+            raise ValueError(f"{path}: written by another version of the benchmark; run it again")
+        return cls(**{**spec, "lora_targets": tuple(spec["lora_targets"])})
+
 
 def build(workload: Workload, workdir: Path) -> dict[str, Path]:
     """Write ``model/`` (weights + tokenizer), ``train.jsonl`` and ``eval.jsonl`` once."""

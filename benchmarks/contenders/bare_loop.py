@@ -27,10 +27,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)
     args = parser.parse_args()
-    spec = json.loads(args.workload.read_text())
-    spec.pop("version")
-    spec["lora_targets"] = tuple(spec["lora_targets"])
-    w = Workload(**spec)
+    w = Workload.from_file(args.workload)
 
     import deepspeed
     import torch

@@ -35,10 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)
     args = parser.parse_args()
-    spec = json.loads(args.workload.read_text())
-    spec.pop("version")
-    spec["lora_targets"] = tuple(spec["lora_targets"])
-    workload = Workload(**spec)
+    workload = Workload.from_file(args.workload)
 
     import torch
     from accelerate import PartialState
