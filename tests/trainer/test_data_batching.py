@@ -98,7 +98,7 @@ def test_packed_tensors_restart_positions_and_never_predict_across_examples() ->
     row_a = (Example([11, 12, 13], [IGNORE_INDEX, 12, 13]), Example([21, 22], [21, 22]))
     row_b = (Example([31, 32], [31, 32]),)
     tensors = MicroBatch((row_a, row_b), packed=True).tensors(pad_token_id=0)
-    assert set(tensors) == {"input_ids", "position_ids", "labels"}  # no attention_mask: packed path
+    assert set(tensors) == {"input_ids", "position_ids", "labels"}  # position ids mark the examples; no attention mask
     assert tensors["input_ids"].tolist() == [[11, 12, 13, 21, 22], [31, 32, 0, 0, 0]]
     assert tensors["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     # 21 is the first token of the second example: the last token of the first must not learn it.
