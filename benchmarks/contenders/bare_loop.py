@@ -36,7 +36,7 @@ def main() -> None:
 
     from kubetune.trainer.batching import batches_for_epoch
     from kubetune.trainer.data import IGNORE_INDEX, Example
-    from kubetune.trainer.loss import next_token_loss, output_layer
+    from kubetune.trainer.loss import next_token_loss, output_layer, trained_tokens_all_ranks
     from kubetune.trainer.schedule import lr_lambda
 
     deepspeed.init_distributed("gloo")
@@ -75,11 +75,10 @@ def main() -> None:
     started = time.perf_counter()
     for index, batch in enumerate(batches):
         if index % accumulation == 0:  # tokens of the whole optimizer step, all ranks
-            step_tokens = torch.tensor([float(sum(b.trained_tokens for b in batches[index : index + accumulation]))])
-            torch.distributed.all_reduce(step_tokens)
+            step_tokens = trained_tokens_all_ranks(batches[index : index + accumulation])
         inputs = batch.tensors(pad_id)
         summed, _ = next_token_loss(engine, head, inputs)
-        engine.backward(summed * (accumulation * world_size / float(step_tokens)))
+        engine.backward(summed * (accumulation * world_size / step_tokens))
         engine.step()
         tokens += batch.tokens
         positions += inputs["input_ids"].numel()

@@ -6,7 +6,6 @@ process, two accumulation steps) and compares one SGD step with the reference gr
 from __future__ import annotations
 
 import copy
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,12 @@ from kubetune.trainer.train import StepPlan, Topology, _train_loop, deepspeed_co
 LEARNING_RATE = 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def process_group(monkeypatch: pytest.MonkeyPatch):
+def process_group(monkeypatch: pytest.MonkeyPatch, unused_port):
     import deepspeed
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(_free_port())}.items():
+                       "MASTER_PORT": str(unused_port())}.items():
         monkeypatch.setenv(key, value)
     deepspeed.init_distributed(dist_backend="gloo")
     yield

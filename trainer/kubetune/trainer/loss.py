@@ -49,3 +49,11 @@ def next_token_loss(model: Any, head: torch.nn.Module, inputs: dict[str, torch.T
     # With nothing trained the sum is 0 and still a graph through the model: under ZeRO every
     # rank must run the same backward.
     return F.cross_entropy(logits.float(), targets[trained], reduction="sum"), int(trained.sum())
+
+
+def trained_tokens_all_ranks(micro_batches: list) -> float:
+    """Tokens one optimizer step trains over all ranks, given this rank's micro-batches of the
+    step (one small all_reduce): what the step's summed losses are divided by."""
+    count = torch.tensor([float(sum(batch.trained_tokens for batch in micro_batches))], dtype=torch.float64)
+    torch.distributed.all_reduce(count)
+    return max(float(count), 1.0)

@@ -338,7 +338,7 @@ def _train_loop(
     initial_eval: float | None = None,
 ) -> Progress:
     from kubetune.trainer.checkpoint import Position
-    from kubetune.trainer.loss import next_token_loss, output_layer
+    from kubetune.trainer.loss import next_token_loss, output_layer, trained_tokens_all_ranks
 
     training = config.training
     head = output_layer(engine.module)
@@ -366,7 +366,7 @@ def _train_loop(
         first = start.batch if epoch == start.epoch else 0
         for index in range(first, len(batches)):
             if index % accumulation == 0:  # an optimizer step begins: how many tokens it trains
-                step_tokens = _trained_tokens_all_ranks(batches[index : index + accumulation])
+                step_tokens = trained_tokens_all_ranks(batches[index : index + accumulation])
             inputs = {k: v.to(device) for k, v in batches[index].tensors(pad_id).items()}
             # 2. Forward: summed cross-entropy over the trained tokens, with the output layer
             #    run on those positions only (loss.py). No KV cache: with one, HF ignores packed
@@ -494,13 +494,6 @@ def _evaluate(
     engine.train()
     torch.distributed.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] else None
-
-
-def _trained_tokens_all_ranks(micro_batches: list) -> float:
-    """Tokens trained by one optimizer step over all ranks (one small all_reduce per step)."""
-    count = torch.tensor([float(sum(batch.trained_tokens for batch in micro_batches))], dtype=torch.float64)
-    torch.distributed.all_reduce(count)
-    return max(float(count), 1.0)
 
 
 def gradient_accumulation_steps(config: TrainerConfig, world_size: int) -> int:
