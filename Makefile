@@ -12,18 +12,33 @@ UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install demo test test-fast lint bench clean
+.PHONY: help install demo test test-fast lint bench bench-local clean
 
 help: ## Show the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## Create .venv and install kubetune with everything its tests need.
+# The local cluster's control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler), built from the Go modules pinned in localcluster/controlplane/go.mod into the
+# venv's bin, beside the pinned kubectl. Set KUBETUNE_CONTROL_PLANE_BIN to a folder of prebuilt
+# binaries to skip the build.
+CONTROL_PLANE := localcluster/controlplane
+ifeq ($(KUBETUNE_CONTROL_PLANE_BIN),)
+CONTROL_PLANE_STAMP := $(VENV)/.control-plane
+else
+CONTROL_PLANE_STAMP :=
+endif
+
+$(VENV)/.control-plane: $(CONTROL_PLANE)/go.mod $(CONTROL_PLANE)/go.sum $(CONTROL_PLANE)/build.sh $(wildcard $(CONTROL_PLANE)/cmd/*/*.go) | $(VENV)/.installed
+	$(CONTROL_PLANE)/build.sh $(BIN)
+	touch $@
+
+install: $(VENV)/.installed $(CONTROL_PLANE_STAMP) ## Create .venv with kubetune and everything its tests need; build the control plane.
 
 # uv resolves this stack in seconds where pip backtracks for minutes; it lives inside the venv so
 # nothing outside the repository is touched. DS_BUILD_OPS=0: DeepSpeed compiles its CPU op lazily.
 $(VENV)/.installed: pyproject.toml
 	@command -v ip >/dev/null && command -v unshare >/dev/null || { \
-	  echo "installing iproute2 and util-linux (pod networking of the embedded cluster)"; \
+	  echo "installing iproute2 and util-linux (pod networking of the local cluster)"; \
 	  apt-get update -qq && apt-get install -y -qq iproute2 util-linux >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --upgrade >/dev/null  # a venv made by uv has no pip
@@ -31,20 +46,23 @@ $(VENV)/.installed: pyproject.toml
 	DS_BUILD_OPS=0 VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install --quiet $(UV_FLAGS) -e '.[test]'
 	touch $@
 
-demo: install ## Start the embedded cluster, run examples/quickstart.yaml to Succeeded, stop everything.
+demo: install ## Start the local cluster, run examples/quickstart.yaml to Succeeded, stop everything.
 	$(BIN)/kubetune demo
 
-test: install ## Run the whole test suite (unit, embedded-cluster component tests, end to end).
+test: install ## Run the whole test suite (unit, local-cluster component tests, end to end).
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install ## Unit tests only (no cluster, no training).
-	$(BIN)/pytest -m "not e2e" tests/operator tests/localcluster/test_schema.py tests/localcluster/test_tables.py $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not e2e" tests/operator tests/localcluster/test_kubelet_units.py $(PYTEST_ARGS)
 
 lint: install ## Static checks (ruff: unused and undefined names).
 	$(BIN)/ruff check .
 
 bench: install ## Trainer benchmark vs HF Trainer and a bare loop (~45 min; writes BENCHMARKS.md).
 	$(BIN)/python benchmarks/trainer_bench.py $(BENCH_ARGS)
+
+bench-local: install ## Local cluster benchmark: `local up` time and idle memory vs etcd + apiserver alone (~3 min).
+	$(BIN)/python benchmarks/localcluster_bench.py $(BENCH_ARGS)
 
 clean: ## Stop a local cluster left running and remove build leftovers.
 	-$(BIN)/kubetune local down

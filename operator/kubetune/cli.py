@@ -1,6 +1,6 @@
 """The `kubetune` command.
 
-    kubetune local up [--detach] | down | status    the embedded local cluster
+    kubetune local up [--detach] | down | status    the local cluster (real control plane, our node, S3)
     kubetune operator [--namespace NS]              the kopf operator (in a cluster or against KUBECONFIG)
     kubetune trainer --config PATH                  the worker entry point (what torchrun starts)
     kubetune demo                                   local cluster + quickstart job to Succeeded, then stop
@@ -18,7 +18,7 @@ from importlib.metadata import version
 
 # subcommand -> (module with add_arguments(parser) and main(args) -> int, help)
 _SUBCOMMANDS = {
-    "local": ("kubetune.localcluster.cli", "run the embedded local cluster (API server, kubelet, S3)"),
+    "local": ("kubetune.localcluster.cli", "run the local cluster (real Kubernetes control plane, a local node, S3)"),
     "operator": ("kubetune.operator.main", "run the FineTuneJob operator"),
     "demo": ("kubetune.demo", "run examples/quickstart.yaml on a fresh local cluster to Succeeded"),
 }

@@ -1,9 +1,9 @@
-"""`kubetune demo`: the quickstart on a fresh embedded cluster, start to finish.
+"""`kubetune demo`: the quickstart on a fresh local cluster, start to finish.
 
-1. start the embedded local cluster (`kubetune local up --detach`),
+1. start the local cluster (`kubetune local up --detach`),
 2. build the tiny demo model and datasets and upload them to the cluster's S3,
 3. create the S3 credentials Secret and install the FineTuneJob CRD with kubectl,
-4. start the operator, pointed at the cluster (its default S3 endpoint is the embedded one),
+4. start the operator, pointed at the cluster (its default S3 endpoint is the local cluster's),
 5. `kubectl apply -f examples/quickstart.yaml` and follow the job to Succeeded,
 6. print the adapter URI, then stop the operator and the cluster.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_ACCESS_KEY = "kubetune-demo"
-# The embedded S3 accepts any key; a real cluster would take these from a Secret you create.
+# The local S3 accepts any key; a real cluster would take these from a Secret you create.
 DEMO_SECRET_KEY = "kubetune-demo-secret"
 CREDENTIALS_SECRET = "s3-credentials"
 CRD_NAME = "finetunejobs.kubetune.dev"
@@ -199,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     repo = find_repo_root()
     state_dir = Path(args.dir).resolve()
-    print("==> starting the embedded local cluster", flush=True)
+    print("==> starting the local cluster (Kubernetes control plane, local node, S3)", flush=True)
     with local_cluster(state_dir) as cluster:
         kubectl = Kubectl(cluster.kubeconfig)
         print(f"    export KUBECONFIG={cluster.kubeconfig}   (pod network: {cluster.network})", flush=True)

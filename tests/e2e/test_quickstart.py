@@ -1,5 +1,5 @@
-"""End to end, as a user runs it: real kubectl against the embedded cluster, the operator as its
-own process, worker pods running torchrun + DeepSpeed, data and adapter in the embedded S3."""
+"""End to end, as a user runs it: real kubectl against the local cluster, the operator as its
+own process, worker pods running torchrun + DeepSpeed, data and adapter in the local S3."""
 
 from __future__ import annotations
 

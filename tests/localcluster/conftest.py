@@ -1,21 +1,16 @@
-"""Fixtures for the embedded cluster: an API server on a free port, a kubeconfig, and real kubectl."""
+"""One local cluster (real control plane, our node, S3) shared by the tests of this folder."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import pytest
+from cluster_tools import Cluster
 
-from apiserver_harness import RunningAPIServer, start_apiserver, stop_apiserver
-# The kubelet tests' module-scoped cluster fixture, offered to every test in this folder.
-from conftest_kubelet import cluster  # noqa: F401
+from kubetune.localcluster.cluster import LocalCluster
 
 
-@pytest.fixture
-def apiserver(tmp_path: Path) -> Iterator[RunningAPIServer]:
-    running, thread = start_apiserver(tmp_path)
-    try:
-        yield running
-    finally:
-        stop_apiserver(running, thread)
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with LocalCluster(state_dir=tmp_path_factory.mktemp("cluster")) as local:
+        yield Cluster(local)

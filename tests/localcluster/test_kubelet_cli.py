@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest_kubelet import KUBECTL, container_pid, pid_alive, pod_manifest, wait_for
+from cluster_tools import KUBECTL, container_pid, pid_alive, pod_manifest, wait_for
 
 from kubetune.localcluster import leftovers
 
@@ -58,9 +58,15 @@ def test_up_detach_then_down_leaves_nothing_behind(state: Path) -> None:
     assert "ready" in _local("status", "--dir", str(state)).stdout
     pod_pid = _start_sleeper(state)
 
+    names = {Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
+             for pid in leftovers.cluster_processes(info["prefix"])}
+    assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"} <= names
+    assert (state / "etcd").is_dir()
+
     down = _local("down", "--dir", str(state))
 
     assert down.returncode == 0, down.stderr
+    assert not (state / "etcd").exists()
     assert not pid_alive(info["pid"])
     assert not pid_alive(pod_pid)
     assert not (state / "cluster.json").exists()

@@ -6,7 +6,7 @@ import textwrap
 
 import boto3
 import pytest
-from conftest_kubelet import Cluster, pod_manifest
+from cluster_tools import Cluster, pod_manifest
 
 SERVER = textwrap.dedent("""
     import socket
@@ -60,7 +60,7 @@ def test_pod_reaches_pod_by_dns_name_and_both_bind_one_port(cluster: Cluster) ->
     assert server["status"]["podIP"] != client["status"]["podIP"]
 
 
-def test_pod_uses_embedded_s3_at_its_cluster_endpoint(cluster: Cluster) -> None:
+def test_pod_uses_the_local_s3_at_its_cluster_endpoint(cluster: Cluster) -> None:
     s3 = boto3.client("s3", endpoint_url=cluster.cluster.s3_endpoint, region_name="us-east-1",
                       aws_access_key_id="local", aws_secret_access_key="local")
     s3.create_bucket(Bucket="pod-bucket")

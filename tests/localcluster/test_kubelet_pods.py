@@ -6,7 +6,7 @@ import base64
 import sys
 from pathlib import Path
 
-from conftest_kubelet import Cluster, container_pid, pid_alive, pod_manifest, wait_for
+from cluster_tools import Cluster, container_pid, pid_alive, pod_manifest, wait_for
 
 from kubetune.localcluster import network
 

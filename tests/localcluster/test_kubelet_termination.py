@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest_kubelet import Cluster, pod_manifest
+from cluster_tools import Cluster, pod_manifest
 
-from kubetune.localcluster.kubelet import termination
+from kubetune.localcluster.kubelet import containerlogs, termination
 
 
 def _terminated(pod: dict) -> dict:
@@ -56,13 +56,19 @@ def test_without_mount_namespaces_the_path_comes_in_an_env_var(tmp_path: Path, m
     assert _terminated(done)["message"] == "ok"
 
 
+def _cri_log(path: Path, lines: list[str]) -> None:
+    with open(path, "wb") as sink:
+        for line in lines:
+            sink.write(containerlogs.Record(containerlogs.timestamp(), "stdout", True, line.encode()).encode())
+
+
 def test_log_tail_keeps_whole_lines_within_the_byte_limit(tmp_path: Path) -> None:
     log = tmp_path / "main.0.log"
-    log.write_text("".join(f"{i:04d} " + "x" * 95 + "\n" for i in range(100)))  # 101 bytes a line
-    tail = termination.log_tail(log).splitlines()
+    _cri_log(log, [f"{i:04d} " + "x" * 95 for i in range(100)])  # 101 bytes a line
+    tail = containerlogs.plain_tail(log, termination.MAX_LOG_LINES, termination.MAX_LOG_BYTES).splitlines()
     assert len("\n".join(tail).encode()) <= termination.MAX_LOG_BYTES
     assert tail[-1].startswith("0099") and all(len(line) == 100 for line in tail)
-    assert termination.log_tail(tmp_path / "absent.log") == ""
+    assert containerlogs.plain_tail(tmp_path / "absent.log", 80, 2048) == ""
 
 
 @pytest.mark.parametrize(("written", "code", "policy", "expected"), [
@@ -73,7 +79,7 @@ def test_log_tail_keeps_whole_lines_within_the_byte_limit(tmp_path: Path) -> Non
 ])
 def test_read_message_follows_the_policy(tmp_path: Path, written: bytes, code: int, policy: str, expected) -> None:
     (tmp_path / "msg").write_bytes(written)
-    (tmp_path / "log").write_text("the log\n")
+    _cri_log(tmp_path / "log", ["the log"])
     spec = {"terminationMessagePolicy": policy}
     assert termination.read_message(spec, tmp_path / "msg", tmp_path / "log", code) == expected
 

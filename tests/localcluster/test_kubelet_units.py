@@ -1,4 +1,4 @@
-"""Pure parts of the local kubelet: env resolution, volume files, hosts files, pod phase."""
+"""Pure parts of the node agent: env resolution, volume files, hosts files, pod phase and status."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.localcluster import hostsfile
 from kubetune.localcluster.kubelet import podconfig
-from kubetune.localcluster.kubelet.podstatus import ContainerState, pod_phase
+from kubetune.localcluster.kubelet.podstatus import ContainerState, PodState, build_status, pod_phase
 
 FACTS = podconfig.PodFacts(pod_ip="10.0.0.2", node_name="kubetune-local", host_ip="10.0.0.1")
 POD = {"metadata": {"name": "w-0", "namespace": "ml", "labels": {"role": "worker"}}, "spec": {}}
@@ -72,7 +72,7 @@ def test_hosts_file_names_pods_and_services_and_skips_headless(tmp_path: Path) -
     shared = hostsfile.cluster_lines(
         [pod, hostsfile.PodRecord("ml", "plain", "10.0.0.3")],
         [hostsfile.ServiceRecord("ml", "job-workers", "None"), hostsfile.ServiceRecord("ml", "api", "10.96.0.5")],
-        s3_address="10.0.0.1",
+        s3_address="10.0.0.1", api_address="10.0.0.1",
     )
     text = hostsfile.render_pod_hosts(pod, shared)
 
@@ -82,6 +82,8 @@ def test_hosts_file_names_pods_and_services_and_skips_headless(tmp_path: Path) -
     assert "10.96.0.5\tapi.ml.svc.cluster.local" in text
     assert "job-workers.ml.svc" not in text.replace("job-worker-0.job-workers.ml.svc", "")
     assert "10.0.0.1\ts3.kubetune-system.svc.cluster.local" in text
+    # In-cluster clients that name the API server's service reach the API server itself.
+    assert "10.0.0.1\tkubernetes.default.svc.cluster.local kubernetes.default.svc kubernetes.default kubernetes\n" in text
 
 
 def test_hosts_file_is_rewritten_in_place(tmp_path: Path) -> None:
@@ -93,17 +95,49 @@ def test_hosts_file_is_rewritten_in_place(tmp_path: Path) -> None:
     assert os.stat(path).st_ino == inode
 
 
-@pytest.mark.parametrize("policy, state, code, restart_count, will_restart, phase", [
-    ("Never", "terminated", 0, 0, False, "Succeeded"),
-    ("Never", "terminated", 2, 0, False, "Failed"),
-    ("OnFailure", "terminated", 1, 0, True, "Running"),
-    ("Always", "waiting", None, 3, True, "Running"),
-    ("Never", "waiting", None, 0, False, "Pending"),
-    ("Always", "running", None, 0, False, "Running"),
+def _container(state: str, code: int | None = None, restarted: bool = False) -> ContainerState:
+    last = {"exitCode": 1} if restarted else None
+    return ContainerState(name="c", image="i", state=state, exit_code=code, last_terminated=last)
+
+
+# The kubelet's getPhase, case by case.
+@pytest.mark.parametrize("policy, containers, terminal, phase", [
+    ("Never", [("terminated", 0)], False, "Succeeded"),
+    ("Never", [("terminated", 2)], False, "Failed"),
+    ("OnFailure", [("terminated", 1)], False, "Running"),
+    ("OnFailure", [("terminated", 0)], False, "Succeeded"),
+    ("Always", [("terminated", 0)], False, "Running"),
+    ("Always", [("waiting", None, True)], False, "Running"),  # CrashLoopBackOff after a run
+    ("Never", [("waiting", None)], False, "Pending"),
+    ("Always", [("running", None)], False, "Running"),
+    ("Never", [("running", None), ("terminated", 0)], False, "Running"),
+    ("Never", [("running", None), ("waiting", None)], False, "Pending"),
+    ("Never", [("terminated", 0), ("terminated", 1)], False, "Failed"),
+    # A deleted pod ends in a terminal phase whatever its restart policy.
+    ("Always", [("terminated", 0)], True, "Succeeded"),
+    ("Always", [("terminated", 143)], True, "Failed"),
+    ("Always", [("waiting", None)], True, "Failed"),
 ])
-def test_pod_phase(policy: str, state: str, code: int | None, restart_count: int, will_restart: bool, phase: str) -> None:
-    container = ContainerState(name="c", image="i", state=state, exit_code=code, restart_count=restart_count)
-    assert pod_phase(policy, container, will_restart) == phase
+def test_pod_phase(policy: str, containers: list[tuple], terminal: bool, phase: str) -> None:
+    assert pod_phase(policy, [], [_container(*c) for c in containers], terminal) == phase
+
+
+def test_pod_phase_with_init_containers() -> None:
+    main = [_container("waiting")]
+    assert pod_phase("Never", [_container("running")], main) == "Pending"
+    assert pod_phase("Never", [_container("terminated", 4)], main) == "Failed"
+    assert pod_phase("OnFailure", [_container("terminated", 4)], main) == "Pending"
+    assert pod_phase("Never", [_container("terminated", 0)], [_container("running")]) == "Running"
+
+
+def test_status_patch_names_every_state_so_a_merge_cannot_keep_two() -> None:
+    running = ContainerState(name="c", image="i", state="running", started_at="t", pid=7)
+    status = build_status(PodState(phase="Running", pod_ip="10.0.0.2"), [running])
+    (container,) = status["containerStatuses"]
+    assert container["state"] == {"waiting": None, "running": {"startedAt": "t"}, "terminated": None}
+    assert (container["ready"], container["containerID"]) == (True, "local://7")
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+    assert "qosClass" not in status  # set by the API server at creation, immutable after
 
 
 def test_mount_points_are_shared_and_removed_after_the_last_user(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def test_write_goes_to_the_env_path_and_skips_a_missing_default(tmp_path: Path, 
     assert termination.write("in a pod")
     assert default.read_text() == "in a pod"
 
-    # Outside a pod the file may exist (the embedded cluster's mount point) but is not ours.
+    # Outside a pod the file may exist (the local cluster's mount point) but is not ours.
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     assert not termination.write("not in a pod")
     assert default.read_text() == "in a pod"

@@ -1,8 +1,9 @@
-"""``kubetune local up|down|status``: the embedded cluster's lifecycle from a shell.
+"""``kubetune local up|down|status``: the local cluster's lifecycle from a shell.
 
-``up`` writes ``<dir>/kubeconfig`` and ``<dir>/cluster.json`` (pid, API URL, S3 endpoints,
-prefix) and runs in the foreground until Ctrl-C, or with ``--detach`` starts itself in the
-background (``python -m kubetune.localcluster up --dir DIR``) and returns once the API answers.
+``up`` writes ``<dir>/kubeconfig`` (the admin's) and ``<dir>/cluster.json`` (pid, API URL, S3
+endpoints, prefix) and runs in the foreground until Ctrl-C, or with ``--detach`` starts itself
+in the background (``python -m kubetune.localcluster up --dir DIR``) and returns once a pod can
+be scheduled. The control plane's logs are in ``<dir>/logs/``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -28,7 +30,7 @@ STOP_TIMEOUT_SECONDS = 60.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="local_command", required=True)
-    up = sub.add_parser("up", help="start the embedded cluster")
+    up = sub.add_parser("up", help="start the local cluster (real control plane, local node, S3)")
     up.add_argument("--dir", default=DEFAULT_DIR, help="state folder (default .kubetune)")
     up.add_argument("--detach", action="store_true", help="run in the background")
     up.add_argument(
@@ -67,9 +69,11 @@ def _api_ready(url: str) -> bool:
 def _banner(info: dict) -> str:
     return (
         f"export KUBECONFIG={info['kubeconfig']}\n"
-        f"# API server: {info['apiUrl']}  (pod network: {info['network']})\n"
+        f"# API server: {info['apiUrl']}  (Kubernetes {info.get('version', '?')}, pod network: {info['network']})\n"
         f"# S3 endpoint (host): {info['s3Endpoint']}\n"
         f"# S3 endpoint (pods): {info['s3ClusterEndpoint']}\n"
+        f"# control plane logs: {info.get('logs', '')}\n"
+        "# try: kubectl get nodes; kubectl api-resources; then `kubetune local down`\n"
     )
 
 
@@ -91,6 +95,8 @@ def _up_foreground(directory: Path, network: str) -> int:
             "s3ClusterEndpoint": c.s3_cluster_endpoint,
             "prefix": c.prefix,
             "network": c.network_mode,
+            "version": c.version,
+            "logs": str(directory / "logs"),
         }
         path = _info_path(directory)
         path.write_text(json.dumps(info, indent=2) + "\n")
@@ -118,7 +124,7 @@ def _up_detached(directory: Path, network: str) -> int:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if child.poll() is not None:
             print(f"the local cluster exited with {child.returncode}; see {log_path}", file=sys.stderr)
@@ -129,7 +135,7 @@ def _up_detached(directory: Path, network: str) -> int:
             return 0
         time.sleep(0.2)
     child.kill()
-    print(f"the local cluster did not become ready in 120s; see {log_path}", file=sys.stderr)
+    print(f"the local cluster did not become ready in 240s; see {log_path}", file=sys.stderr)
     return 1
 
 
@@ -155,12 +161,13 @@ def _down(directory: Path) -> int:
     if any(left.values()):
         leftovers.remove(prefix)
         left = leftovers.leftovers(prefix)
+    shutil.rmtree(directory / "etcd", ignore_errors=True)
     leftovers.unregister(prefix)
     if any(left.values()):
         print(f"could not remove: {json.dumps(left)}", file=sys.stderr)
         return 1
     _info_path(directory).unlink(missing_ok=True)
-    print("local cluster stopped")
+    print("local cluster stopped; its processes, network namespaces and etcd data are gone")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``LocalCluster``: API server + kubelet + pod network + S3 in one asyncio loop.
+"""``LocalCluster``: the real Kubernetes control plane, our node agent, a pod network and S3.
 
 From tests::
 
@@ -8,49 +8,49 @@ From tests::
 From the CLI (foreground until SIGINT/SIGTERM)::
 
     LocalCluster(state_dir=".kubetune").run_forever(on_ready=print_banner)
+
+``node=False`` starts the control plane alone (envtest's shape: API, controllers and scheduler,
+no node), for tests that play the node themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import secrets
 import signal
+import ssl
 import tempfile
 import threading
+import time
+import urllib.request
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
-from kubetune.localcluster import leftovers
+from kubetune.localcluster import leftovers, pki
+from kubetune.localcluster.binaries import find as find_binaries
+from kubetune.localcluster.controlplane import ControlPlane
 from kubetune.localcluster.hostsfile import S3_SERVICE_NAME
-from kubetune.localcluster.kubelet import Kubelet
-from kubetune.localcluster.network import PodNetwork, new_prefix
+from kubetune.localcluster.kubelet import NODE_NAME, Kubelet
+from kubetune.localcluster.kubelet.kubelet import NodeCredentials
+from kubetune.localcluster.network import PodNetwork, choose_free_cidr, new_prefix
 from kubetune.localcluster.s3server import S3Server
 
 log = logging.getLogger(__name__)
 
-
-class _LogSourceProxy:
-    """The API server needs its LogSource before the kubelet (which needs the API URL) exists."""
-
-    def __init__(self) -> None:
-        self.kubelet: Kubelet | None = None
-
-    def stream(self, namespace: str, pod: str, container: str | None, follow: bool, **kw: Any) -> AsyncIterator[bytes]:
-        if self.kubelet is None:
-            raise KeyError(f"{namespace}/{pod}")
-        return self.kubelet.stream(namespace, pod, container, follow, **kw)
+READY_TIMEOUT_SECONDS = 120.0
 
 
 class LocalCluster:
-    """An embedded Kubernetes for local mode and tests.
+    """A Kubernetes on this machine, for local mode and tests.
 
     ``network``: "auto" (netns when root with iproute2, else loopback), "netns" or "loopback".
-    Attributes once started: ``kubeconfig``, ``api_url``, ``s3_endpoint`` (host side),
-    ``s3_cluster_endpoint`` (pod side), ``state_dir``, ``prefix``, ``network_mode``.
+    Attributes once started: ``kubeconfig`` (admin), ``api_url``, ``s3_endpoint`` (host side),
+    ``s3_cluster_endpoint`` (pod side), ``state_dir``, ``prefix``, ``network_mode``,
+    ``version`` (Kubernetes'), ``control_plane``.
     """
 
-    def __init__(self, state_dir: str | Path | None = None, network: str = "auto") -> None:
+    def __init__(self, state_dir: str | Path | None = None, network: str = "auto", node: bool = True) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if state_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="kubetune-local-")
@@ -58,13 +58,14 @@ class LocalCluster:
         self.state_dir = Path(state_dir).resolve()
         self.kubeconfig = self.state_dir / "kubeconfig"
         self.network_request = network
+        self.with_node = node
         self.prefix = new_prefix()
-        self.token = secrets.token_urlsafe(24)
         self.api_url = ""
         self.s3_endpoint = ""
         self.s3_cluster_endpoint = ""
         self.network_mode = ""
-        self._server: Any = None
+        self.version = ""
+        self.control_plane: ControlPlane | None = None
         self._kubelet: Kubelet | None = None
         self._network: PodNetwork | None = None
         self._s3: S3Server | None = None
@@ -73,60 +74,93 @@ class LocalCluster:
 
     # -- async core ----------------------------------------------------------------------
     async def astart(self) -> None:
-        from kubetune.localcluster.apiserver import APIServer, kubeconfig
-
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        binaries = find_binaries()  # before anything starts: a missing binary is the likeliest failure
         stale = await asyncio.to_thread(leftovers.clean_crashed_clusters)
         if stale:
             log.warning("removed leftovers of crashed local clusters: %s", ", ".join(stale))
-        leftovers.register(self.prefix)
+        leftovers.register(self.prefix, self.state_dir)
+        marker = {leftovers.MARKER_ENV: self.prefix}
         try:
             self._network = await asyncio.to_thread(PodNetwork.create, self.prefix, self.network_request)
             self.network_mode = self._network.mode
-            addresses = ["127.0.0.1"]
-            if self._network.host_address != "127.0.0.1":
-                addresses.append(self._network.host_address)
-            self._s3 = await asyncio.to_thread(
-                S3Server.start, addresses, str(self.state_dir / "s3.log"),
-                {leftovers.MARKER_ENV: self.prefix},
+            address = self._network.host_address
+            service_cidr = choose_free_cidr(avoid=[self._network.cidr] if self._network.cidr else [])
+            credentials = pki.create(
+                self.state_dir / "pki", api_addresses=[address], service_ip=str(service_cidr.network_address + 1),
+                node_name=NODE_NAME, node_address=address,
             )
-            self.s3_endpoint = self._s3.url("127.0.0.1")
-            self.s3_cluster_endpoint = f"http://{S3_SERVICE_NAME}:{self._s3.port}"
-            proxy = _LogSourceProxy()
-            self._server = APIServer(host="127.0.0.1", port=0, token=self.token, log_source=proxy)
-            await self._server.start()
-            self.api_url = self._server.url
-            kubeconfig(
-                self.api_url, self.token, self.kubeconfig, context="kubetune-local",
-                ca_data=self._server.ca_data,
+            self.control_plane = ControlPlane(
+                self.state_dir, address=address, service_cidr=str(service_cidr), pki=credentials,
+                binaries=binaries, env=marker,
             )
-            api_port = int(self.api_url.rsplit(":", 1)[1].split("/")[0])
-            self._kubelet = Kubelet(
-                self.api_url, self.token, self._network, self.state_dir,
-                s3_address=self._network.host_address,
-                api_host_for_pods="127.0.0.1", api_port_for_pods=api_port,
-                ca_data=self._server.ca_data,
-            )
-            proxy.kubelet = self._kubelet
-            await self._kubelet.start()
+            # Blocking, and from this loop's thread on purpose: the processes die with it.
+            self.control_plane.start()
+            self.api_url = self.control_plane.api_url
+            if self.with_node:
+                s3_addresses = list(dict.fromkeys(["127.0.0.1", address]))
+                self._s3 = await asyncio.to_thread(
+                    S3Server.start, s3_addresses, str(self.state_dir / "logs" / "s3.log"), marker
+                )
+                self.s3_endpoint = self._s3.url("127.0.0.1")
+                self.s3_cluster_endpoint = f"http://{S3_SERVICE_NAME}:{self._s3.port}"
+                self._kubelet = Kubelet(
+                    self.api_url,
+                    NodeCredentials(credentials.ca.cert, credentials.node_client.cert, credentials.node_client.key,
+                                    credentials.node_server.cert, credentials.node_server.key),
+                    self._network, self.state_dir, s3_address=address,
+                )
+                await self._kubelet.start()
+            await asyncio.to_thread(self._wait_usable, credentials)
         except BaseException:
             await self.astop()
             raise
 
+    def _wait_usable(self, credentials: pki.ClusterPKI, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        """Until a pod can be created and scheduled: the default ServiceAccount exists (the
+        admission plugin refuses pods before) and the node is Ready without the not-ready
+        taint the node lifecycle controller lifts."""
+        context = ssl.create_default_context(cafile=str(credentials.ca.cert))
+        context.load_cert_chain(str(credentials.admin.cert), str(credentials.admin.key))
+
+        def get(path: str) -> dict[str, Any] | None:
+            try:
+                with urllib.request.urlopen(self.api_url + path, timeout=5, context=context) as answer:
+                    return json.loads(answer.read())
+            except OSError:
+                return None
+
+        def node_schedulable() -> bool:
+            node = get(f"/api/v1/nodes/{NODE_NAME}")
+            if node is None:
+                return False
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
+            return ready and not node["spec"].get("taints")
+
+        self.version = (get("/version") or {}).get("gitVersion", "")
+        deadline = time.monotonic() + timeout
+        waiting_for = "the default service account"
+        while time.monotonic() < deadline:
+            assert self.control_plane is not None
+            self.control_plane.check_running()
+            if get("/api/v1/namespaces/default/serviceaccounts/default") is not None:
+                if not self.with_node or node_schedulable():
+                    return
+                waiting_for = f"node {NODE_NAME} to be Ready and schedulable"
+            time.sleep(0.1)
+        raise RuntimeError(f"the local cluster did not become usable in {timeout:.0f}s: waiting for {waiting_for}")
+
     async def astop(self) -> None:
-        """Kill every pod process, remove netns/links/bridge, stop S3 and the API server."""
+        """Kill every pod process, stop S3 and the control plane, remove netns/links/bridge."""
         if self._kubelet is not None:
             try:
                 await self._kubelet.stop()
             except Exception:
-                log.exception("stopping the kubelet")
+                log.exception("stopping the node agent")
             self._kubelet = None
-        if self._server is not None:
-            try:
-                await self._server.stop()
-            except Exception:
-                log.exception("stopping the API server")
-            self._server = None
+        if self.control_plane is not None:
+            await asyncio.to_thread(self.control_plane.stop)
+            self.control_plane = None
         if self._s3 is not None:
             await asyncio.to_thread(self._s3.stop)
             self._s3 = None
@@ -137,7 +171,7 @@ class LocalCluster:
         leftovers.unregister(self.prefix)
 
     # -- background thread (tests) -------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> "LocalCluster":
+    def start(self, timeout: float = 180.0) -> "LocalCluster":
         ready = threading.Event()
 
         def run() -> None:
@@ -158,7 +192,7 @@ class LocalCluster:
             raise
         return self
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, timeout: float = 90.0) -> None:
         if self._loop is None:
             return
         try:
@@ -185,7 +219,7 @@ class LocalCluster:
 
     # -- foreground (CLI) ----------------------------------------------------------------
     def run_forever(self, on_ready: Callable[["LocalCluster"], None] | None = None) -> None:
-        """Run until SIGINT or SIGTERM, then stop cleanly."""
+        """Run until SIGINT or SIGTERM (or a control plane process dies), then stop cleanly."""
 
         async def main() -> None:
             stop = asyncio.Event()
@@ -196,7 +230,13 @@ class LocalCluster:
             try:
                 if on_ready is not None:
                     on_ready(self)
-                await stop.wait()
+                while not stop.is_set():
+                    assert self.control_plane is not None
+                    self.control_plane.check_running()
+                    try:
+                        await asyncio.wait_for(stop.wait(), 1.0)
+                    except asyncio.TimeoutError:
+                        pass
             finally:
                 await self.astop()
 

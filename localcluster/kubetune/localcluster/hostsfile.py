@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLUSTER_DOMAIN = "svc.cluster.local"
+API_SERVICE_NAMES = ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
 S3_SERVICE_NAME = f"s3.kubetune-system.{CLUSTER_DOMAIN}"
 
 
@@ -49,14 +50,18 @@ class ServiceRecord:
 
 
 def cluster_lines(
-    pods: list[PodRecord], services: list[ServiceRecord], s3_address: str
+    pods: list[PodRecord], services: list[ServiceRecord], s3_address: str, api_address: str
 ) -> list[str]:
     """Hosts-file lines shared by every pod. Headless services (no clusterIP) get no line:
-    their pods are reached by `<hostname>.<subdomain>` names instead."""
-    lines = [f"{s3_address}\t{S3_SERVICE_NAME}"]
+    their pods are reached by `<hostname>.<subdomain>` names instead. The API server's
+    service names lead to the API server itself: without kube-proxy its ClusterIP is not
+    routed, and its certificate names them."""
+    lines = [f"{s3_address}\t{S3_SERVICE_NAME}", f"{api_address}\t" + " ".join(reversed(API_SERVICE_NAMES))]
     for pod in sorted(pods, key=lambda p: (p.namespace, p.name)):
         lines.append(f"{pod.ip}\t" + " ".join(pod.names()))
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
+        if (svc.namespace, svc.name) == ("default", "kubernetes"):
+            continue
         if svc.cluster_ip and svc.cluster_ip != "None":
             lines.append(f"{svc.cluster_ip}\t" + " ".join(svc.names()))
     return lines

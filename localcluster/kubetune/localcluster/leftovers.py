@@ -1,14 +1,17 @@
-"""Finding and removing what a cluster leaves behind: netns, links, pod processes.
+"""Finding and removing what a cluster leaves behind: processes, netns, links, etcd data.
 
-Every pod process carries ``KUBETUNE_LOCAL_CLUSTER=<prefix>`` in its environment and every
-namespace/link name starts with the prefix. A running cluster records its pid in the
-registry folder; anything whose prefix has no live owner belongs to a crashed cluster.
+Every process the cluster starts (etcd, the API server, the controllers, S3, every pod)
+carries ``KUBETUNE_LOCAL_CLUSTER=<prefix>`` in its environment and every namespace/link name
+starts with the prefix. A running cluster records its pid and state folder in the registry
+folder; anything whose prefix has no live owner belongs to a crashed cluster.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -25,8 +28,15 @@ def registry_dir() -> Path:
     return path
 
 
-def register(prefix: str) -> None:
-    (registry_dir() / prefix).write_text(str(os.getpid()))
+def register(prefix: str, state_dir: Path) -> None:
+    (registry_dir() / prefix).write_text(json.dumps({"pid": os.getpid(), "stateDir": str(state_dir)}))
+
+
+def _registration(prefix: str) -> dict[str, object]:
+    try:
+        return json.loads((registry_dir() / prefix).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def unregister(prefix: str) -> None:
@@ -49,15 +59,12 @@ def pid_alive(pid: int) -> bool:
 
 
 def owner_alive(prefix: str) -> bool:
-    try:
-        pid = int((registry_dir() / prefix).read_text())
-    except (OSError, ValueError):
-        return False
-    return pid_alive(pid)
+    pid = _registration(prefix).get("pid")
+    return isinstance(pid, int) and pid_alive(pid)
 
 
-def pod_processes(prefix: str | None = None) -> dict[int, str]:
-    """pid -> cluster prefix for every process marked as a pod of a local cluster."""
+def cluster_processes(prefix: str | None = None) -> dict[int, str]:
+    """pid -> cluster prefix for every process a local cluster started."""
     found: dict[int, str] = {}
     marker = f"{MARKER_ENV}=".encode()
     for entry in Path("/proc").iterdir():
@@ -76,8 +83,8 @@ def pod_processes(prefix: str | None = None) -> dict[int, str]:
     return found
 
 
-def kill_pod_processes(prefix: str) -> None:
-    for pid in pod_processes(prefix):
+def kill_cluster_processes(prefix: str) -> None:
+    for pid in cluster_processes(prefix):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -88,14 +95,14 @@ def leftovers(prefix: str) -> dict[str, list[str]]:
     """What is left of the cluster ``prefix``: for `down` to verify and report."""
     namespaces, links = network.list_leftovers(prefix)
     return {
-        "processes": [str(p) for p in pod_processes(prefix)],
+        "processes": [str(p) for p in cluster_processes(prefix)],
         "netns": namespaces,
         "links": links,
     }
 
 
 def remove(prefix: str) -> None:
-    kill_pod_processes(prefix)
+    kill_cluster_processes(prefix)
     network.remove_leftovers(prefix)
 
 
@@ -103,9 +110,12 @@ def clean_crashed_clusters() -> list[str]:
     """Remove leftovers of every cluster whose owner is gone; returns their prefixes."""
     namespaces, links = network.list_leftovers("kt")
     prefixes = {name[:network.PREFIX_LEN] for name in namespaces + links if PREFIX_RE.match(name)}
-    prefixes |= {p for p in pod_processes().values() if PREFIX_RE.match(p)}
+    prefixes |= {p for p in cluster_processes().values() if PREFIX_RE.match(p)}
     stale = sorted(p for p in prefixes if not owner_alive(p))
     for prefix in stale:
         remove(prefix)
+        state_dir = _registration(prefix).get("stateDir")
+        if isinstance(state_dir, str):
+            shutil.rmtree(Path(state_dir) / "etcd", ignore_errors=True)
         unregister(prefix)
     return stale

@@ -140,15 +140,16 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     return used
 
 
-def choose_pod_cidr() -> ipaddress.IPv4Network:
-    """A 10.x.0.0/16 that overlaps no host address or route (other clusters included).
-    A /16 because finished pods keep no address but a 1000-job load test runs many at once."""
-    used = _used_networks()
+def choose_free_cidr(avoid: list[ipaddress.IPv4Network] | None = None) -> ipaddress.IPv4Network:
+    """A 10.x.0.0/16 that overlaps no host address or route (other clusters included) nor
+    ``avoid``. A /16 for pods because finished pods keep no address but a 1000-job load test
+    runs many at once; the service range takes one too."""
+    used = _used_networks() + list(avoid or [])
     for _ in range(200):
         candidate = ipaddress.ip_network(f"10.{random.randrange(64, 250)}.0.0/16")
         if not any(candidate.overlaps(net) for net in used):
             return candidate
-    raise RuntimeError("no free 10.x.0.0/16 for the pod network; remove unused routes")
+    raise RuntimeError("no free 10.x.0.0/16 for the pod or service network; remove unused routes")
 
 
 @dataclass
@@ -203,7 +204,7 @@ class PodNetwork:
                 "; ".join(missing),
             )
             return cls(prefix=prefix, mode="loopback", use_mount_namespace=mounts)
-        net = cls(prefix=prefix, mode="netns", cidr=choose_pod_cidr(), use_mount_namespace=True)
+        net = cls(prefix=prefix, mode="netns", cidr=choose_free_cidr(), use_mount_namespace=True)
         net._setup_bridge()
         return net
 

@@ -1,4 +1,4 @@
-"""Embedded S3: moto's server in a child process, listening on several addresses.
+"""The local cluster's S3: moto's server in a child process, listening on several addresses.
 
 One process serves every address (host loopback for users and tests, the pod bridge address
 for pods), so they share one in-memory store. Path-style addressing: clients use
@@ -61,7 +61,7 @@ class S3Server:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"embedded S3 (moto) exited with {process.returncode}; see {log_path}")
+                raise RuntimeError(f"local S3 (moto) exited with {process.returncode}; see {log_path}")
             try:
                 for address in addresses:
                     urllib.request.urlopen(f"http://{address}:{port}/", timeout=1).read()
@@ -69,7 +69,7 @@ class S3Server:
             except OSError:
                 if time.monotonic() > deadline:
                     server.stop()
-                    raise RuntimeError(f"embedded S3 (moto) did not answer within {timeout}s; see {log_path}")
+                    raise RuntimeError(f"local S3 (moto) did not answer within {timeout}s; see {log_path}")
                 time.sleep(0.1)
 
     def url(self, address: str) -> str:

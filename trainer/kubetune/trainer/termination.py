@@ -8,8 +8,8 @@ cut rather than the JSON left unparsable. Written to ``$KUBETUNE_TERMINATION_LOG
 kubelet points it at a per-pod file when it cannot bind-mount one), else the pod's default
 ``/dev/termination-log``, written only inside a pod (every kubelet sets KUBERNETES_SERVICE_HOST)
 and only if it exists (the kubelet creates it before the container starts): outside a pod (tests,
-a laptop, as root) the trainer must not write into the host's /dev, where the embedded cluster's
-kubelet may have created the file as a mount point for its pods.
+a laptop, as root) the trainer must not write into the host's /dev, where the local cluster's
+node agent may have created the file as a mount point for its pods.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Local kubelet: runs the embedded cluster's pods as local processes."""
+"""The local node agent (our kubelet): runs the pods bound to its Node as local processes."""
 
 from kubetune.localcluster.kubelet.kubelet import NODE_NAME, Kubelet
 

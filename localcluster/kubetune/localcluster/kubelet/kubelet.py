@@ -1,8 +1,11 @@
-"""The local kubelet: registers a Node, schedules pods onto it, runs them, serves their logs.
+"""The local node agent (our kubelet): one Node of a real Kubernetes control plane whose pods
+are local processes.
 
-It is an API *client* over HTTP, like a real kubelet: it watches pods (relisting on 410 or a
-dropped stream), binds unscheduled pods to its node (it is the cluster's scheduler too), and
-runs one ``PodWorker`` per pod.
+Like a kubelet it is only an API client with the node's own identity: it registers its Node
+(the machine's CPUs, memory, disk and GPUs as capacity), renews the node Lease, watches the
+pods the scheduler binds to it (``spec.nodeName``), runs one ``PodWorker`` per pod, finishes
+graceful deletions, and serves container logs to the API server over TLS (``server.py``).
+Scheduling, garbage collection, service accounts and everything else are the control plane's.
 """
 
 from __future__ import annotations
@@ -10,25 +13,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import shutil
 import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, Iterable
 
 from kubetune.localcluster import hostsfile
+from kubetune.localcluster.kubelet import podconfig
+from kubetune.localcluster.kubelet.apiclient import ApiClient, ApiError, client_ssl_context
+from kubetune.localcluster.kubelet.devices import GPUs, RESOURCE, count_gpus
+from kubetune.localcluster.kubelet.podstatus import now
+from kubetune.localcluster.kubelet.podworker import PodWorker
+from kubetune.localcluster.kubelet.server import NodeServer, ServerTLS
 from kubetune.localcluster.leftovers import MARKER_ENV
 from kubetune.localcluster.mountpoints import MountPoints
-from kubetune.localcluster.kubelet import podconfig
-from kubetune.localcluster.kubelet.apiclient import ApiClient, ApiError
-from kubetune.localcluster.kubelet.podstatus import ContainerState, now
-from kubetune.localcluster.kubelet.podworker import PodWorker
 from kubetune.localcluster.network import PodNetwork
 
 log = logging.getLogger(__name__)
 
 NODE_NAME = "kubetune-local"
-HEARTBEAT_SECONDS = 10.0
+LEASE_NAMESPACE = "kube-node-lease"
+LEASE_SECONDS = 40
+LEASE_RENEW_SECONDS = 10.0
+NODE_STATUS_SECONDS = 60.0
 SERVICE_POLL_SECONDS = 1.0
 DNS_COALESCE_SECONDS = 0.05
+DEFAULT_GRACE_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class NodeCredentials:
+    """The node's client identity toward the API server and its serving certificate."""
+
+    ca: Path
+    client_cert: Path
+    client_key: Path
+    server_cert: Path
+    server_key: Path
 
 
 def _memory_kib() -> int:
@@ -42,55 +66,71 @@ def _memory_kib() -> int:
     return 0
 
 
+def micro_time() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class Kubelet:
-    """Runs the cluster's pods as local processes. Also the API server's ``LogSource``."""
+    """Runs the pods bound to its Node as local processes."""
 
     def __init__(
         self,
         api_url: str,
-        token: str,
+        credentials: NodeCredentials,
         network: PodNetwork,
         state_dir: Path,
         s3_address: str,
-        api_host_for_pods: str = "127.0.0.1",
-        api_port_for_pods: int = 443,
         node_name: str = NODE_NAME,
-        ca_data: bytes | None = None,
     ) -> None:
-        self.api = ApiClient(api_url, token, ca_data)
+        self.api_url = api_url
+        self.api = ApiClient(api_url, client_ssl_context(credentials.ca, credentials.client_cert, credentials.client_key))
+        self.credentials = credentials
         self.network = network
         self.state_dir = Path(state_dir)
         self.node_name = node_name
         self.s3_address = s3_address
-        self._api_host_for_pods = api_host_for_pods
-        self._api_port_for_pods = api_port_for_pods
+        host_port = api_url.removeprefix("https://").rstrip("/")
+        self.api_host, self.api_port = host_port.rsplit(":", 1)
         self.workers: dict[str, PodWorker] = {}  # by pod uid
+        self.gpus = GPUs(count_gpus())
+        self.mount_points = MountPoints()
+        self.server = NodeServer(self.find_pod, ServerTLS(credentials.ca, credentials.server_cert,
+                                                          credentials.server_key))
         self._services: list[hostsfile.ServiceRecord] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
         self._dns_dirty = asyncio.Event()
-        self.mount_points = MountPoints()
+        self._node_uid = ""
+        self._version = ""
+        self._conditions_since = now()  # the node's conditions have held since registration
 
     # -- environment ---------------------------------------------------------------------
     def base_env(self, hostname: str) -> dict[str, str]:
         """Env every container starts from; the pod's own env overrides it."""
         venv_bin = os.path.dirname(sys.executable)
         path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
-        env = {
+        return {
             "PATH": f"{venv_bin}:{path}",
             "HOME": os.environ.get("HOME", "/root"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "HOSTNAME": hostname,
-            "KUBERNETES_SERVICE_HOST": self._api_host_for_pods,
-            "KUBERNETES_SERVICE_PORT": str(self._api_port_for_pods),
+            # No kube-proxy here: in-cluster clients go straight to the API server's address.
+            "KUBERNETES_SERVICE_HOST": self.api_host,
+            "KUBERNETES_SERVICE_PORT": self.api_port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": self.api_port,
             # Lets `down` and the next `up` find this cluster's pod processes.
             MARKER_ENV: self.network.prefix,
         }
-        return env
 
     # -- main loop -----------------------------------------------------------------------
     async def start(self) -> None:
+        await self.server.start(self.network.host_address)
+        version = await self.api.get("/version")
+        self._version = version.get("gitVersion", "")
         await self._register_node()
-        for coro in (self._heartbeat(), self._watch_pods(), self._poll_services(), self._write_dns()):
+        await self._renew_lease()
+        for coro in (self._lease_loop(), self._status_loop(), self._watch_pods(), self._poll_services(),
+                     self._write_dns()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def stop(self) -> None:
@@ -103,93 +143,139 @@ class Kubelet:
                 pass
         self._tasks.clear()
         workers = list(self.workers.values())
-        await asyncio.gather(*(w.terminate() for w in workers), return_exceptions=True)
+        # The cluster is going away with its API: stop at once, report nothing.
+        await asyncio.gather(*(w.stop(grace=2.0, report=False) for w in workers), return_exceptions=True)
+        for worker in workers:
+            worker.remove_files()
         self.workers.clear()
         self.mount_points.release_all()
+        await self.server.stop()
+        for task in list(self._background):
+            task.cancel()
         await self.api.close()
 
-    async def _register_node(self) -> None:
-        node = {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": self.node_name,
-                "labels": {
-                    "kubernetes.io/hostname": self.node_name,
-                    "kubernetes.io/os": "linux",
-                    "node-role.kubernetes.io/control-plane": "",
-                },
-            },
-            "spec": {},
-        }
-        try:
-            await self.api.request("POST", "/api/v1/nodes", node)
-        except ApiError as err:
-            if err.status != 409:
-                raise
-        await self._patch_node_status()
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def _patch_node_status(self) -> None:
+    # -- the Node and its Lease ------------------------------------------------------------
+    def _node_status(self) -> dict[str, Any]:
         stamp = now()
         capacity = {
             "cpu": str(os.cpu_count() or 1),
             "memory": f"{_memory_kib()}Ki",
             "pods": "110",
-            "ephemeral-storage": "0",
+            "ephemeral-storage": str(shutil.disk_usage(self.state_dir).total),
         }
-        status = {
+        if self.gpus.count:
+            capacity[RESOURCE] = str(self.gpus.count)
+
+        def condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+            return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message,
+                    "lastHeartbeatTime": stamp, "lastTransitionTime": self._conditions_since}
+
+        return {
             "capacity": capacity,
             "allocatable": capacity,
             "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "KubeletReady",
-                    "message": "kubetune local kubelet is posting ready status",
-                    "lastHeartbeatTime": stamp,
-                    "lastTransitionTime": stamp,
-                }
+                condition("MemoryPressure", False, "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                condition("DiskPressure", False, "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                condition("PIDPressure", False, "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                condition("Ready", True, "KubeletReady", "kubetune local node is posting ready status"),
             ],
             "addresses": [
                 {"type": "InternalIP", "address": self.network.host_address},
                 {"type": "Hostname", "address": self.node_name},
             ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.server.port}},
             "nodeInfo": {
-                "kubeletVersion": "v1.37.0-kubetune",
+                "kubeletVersion": self._version,
                 "operatingSystem": "linux",
-                "architecture": os.uname().machine,
-                "containerRuntimeVersion": "kubetune-local://0.1.0",
-                "osImage": "local processes",
+                "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine),
+                "containerRuntimeVersion": "kubetune-local://processes",
+                "osImage": "local processes (the image is ignored)",
                 "kernelVersion": os.uname().release,
-                "kubeProxyVersion": "",
                 "machineID": "",
                 "systemUUID": "",
                 "bootID": "",
             },
         }
-        await self.api.merge_patch(f"/api/v1/nodes/{self.node_name}/status", {"status": status})
 
-    async def _heartbeat(self) -> None:
+    async def _register_node(self) -> None:
+        arch = self._node_status()["nodeInfo"]["architecture"]
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.node_name,
+                # Only labels NodeRestriction lets a kubelet set on itself.
+                "labels": {"kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux",
+                           "kubernetes.io/arch": arch},
+            },
+            "spec": {},
+            "status": self._node_status(),
+        }
+        try:
+            created = await self.api.post("/api/v1/nodes", node)
+        except ApiError as err:
+            if err.status != 409:
+                raise
+            created = await self.api.patch(f"/api/v1/nodes/{self.node_name}/status", {"status": node["status"]})
+        self._node_uid = created["metadata"]["uid"]
+
+    async def _renew_lease(self) -> None:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/{self.node_name}"
+        try:
+            await self.api.patch(path, {"spec": {"renewTime": micro_time()}}, "application/merge-patch+json")
+        except ApiError as err:
+            if err.status != 404:
+                raise
+            await self.api.post(f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases", {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {
+                    "name": self.node_name,
+                    "namespace": LEASE_NAMESPACE,
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": self.node_name,
+                                         "uid": self._node_uid}],
+                },
+                "spec": {"holderIdentity": self.node_name, "leaseDurationSeconds": LEASE_SECONDS,
+                         "renewTime": micro_time()},
+            })
+
+    async def _lease_loop(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(LEASE_RENEW_SECONDS)
             try:
-                await self._patch_node_status()
+                await self._renew_lease()
             except Exception as err:
-                log.warning("node heartbeat failed: %s", err)
+                log.warning("node lease renewal failed: %s", err)
 
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(NODE_STATUS_SECONDS)
+            try:
+                await self.api.patch(f"/api/v1/nodes/{self.node_name}/status", {"status": self._node_status()})
+            except Exception as err:
+                log.warning("node status update failed: %s", err)
+
+    # -- pods ----------------------------------------------------------------------------
     async def _watch_pods(self) -> None:
+        params = {"fieldSelector": f"spec.nodeName={self.node_name}"}
         while True:
             try:
-                listing = await self.api.get("/api/v1/pods")
+                listing = await self.api.get("/api/v1/pods", params)
                 seen = set()
                 for pod in listing.get("items") or []:
-                    seen.add(pod["metadata"].get("uid"))
+                    seen.add(pod["metadata"]["uid"])
                     await self._on_pod("ADDED", pod)
                 for uid in [u for u in self.workers if u not in seen]:
-                    await self._forget(self.workers[uid])
+                    await self._on_pod("DELETED", self.workers[uid].pod)
                 rv = (listing.get("metadata") or {}).get("resourceVersion", "0")
                 while True:
-                    async for event in self.api.watch("/api/v1/pods", rv):
+                    async for event in self.api.watch("/api/v1/pods", rv, params=params):
                         obj = event.get("object") or {}
                         rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
                         if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
@@ -202,52 +288,133 @@ class Kubelet:
 
     async def _on_pod(self, kind: str, pod: dict[str, Any]) -> None:
         meta = pod.get("metadata") or {}
-        uid = meta.get("uid")
-        spec = pod.get("spec") or {}
+        uid = meta["uid"]
         worker = self.workers.get(uid)
-        if kind == "DELETED" or meta.get("deletionTimestamp"):
+        if kind == "DELETED":
             if worker is not None:
-                await self._forget(worker)
+                self.workers.pop(uid, None)
+                self.spawn(self._forget(worker, meta))
             return
-        node = spec.get("nodeName")
-        if node and node != self.node_name:
+        if meta.get("deletionTimestamp"):
+            if worker is None:
+                self.spawn(self._delete_pod(meta))
+            elif not worker.stopping:
+                worker.pod = pod
+                self.spawn(self._terminate(worker, meta))
             return
         if worker is not None:
             worker.pod = pod
             return
-        if not node:
-            try:
-                await self.api.merge_patch(
-                    f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                    {"spec": {"nodeName": self.node_name}},
-                )
-            except ApiError as err:
-                log.warning("binding %s/%s failed: %s", meta.get("namespace"), meta.get("name"), err)
-                return
-            spec["nodeName"] = self.node_name
-        phase = (pod.get("status") or {}).get("phase")
-        if phase in ("Succeeded", "Failed"):
-            return  # finished before this kubelet started: nothing to run
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return  # finished before this node agent started: nothing to run
         worker = PodWorker(self, pod)
         self.workers[uid] = worker
         worker.start()
 
-    async def _forget(self, worker: PodWorker) -> None:
-        self.workers.pop(worker.uid, None)
-        await worker.terminate()
+    @staticmethod
+    def _grace(meta: dict[str, Any], pod: dict[str, Any]) -> float:
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
+        return float(grace if grace is not None else DEFAULT_GRACE_SECONDS)
+
+    async def _terminate(self, worker: PodWorker, meta: dict[str, Any]) -> None:
+        """Graceful deletion: stop the containers, report the final status, then delete."""
+        await worker.stop(self._grace(meta, worker.pod), report=True)
+        await self._delete_pod(meta)
+
+    async def _forget(self, worker: PodWorker, meta: dict[str, Any]) -> None:
+        """The pod is gone from the API (force-deleted, or our final delete went through)."""
+        if not worker.stopping:
+            await worker.stop(min(self._grace(meta, worker.pod), 2.0), report=False)
+        elif not worker.exited.is_set():
+            await worker.exited.wait()
+        worker.remove_files()
         self.dns_changed()
 
-    # -- objects a pod refers to ---------------------------------------------------------
+    async def _delete_pod(self, meta: dict[str, Any]) -> None:
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                "preconditions": {"uid": meta["uid"]}}
+        try:
+            await self.api.delete(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", body)
+        except ApiError as err:
+            if err.status not in (404, 409):  # gone already, or a new pod took the name
+                log.warning("final delete of pod %s/%s failed: %s", meta["namespace"], meta["name"], err)
+
+    def find_pod(self, namespace: str, name: str) -> PodWorker | None:
+        """The pod of that name; a new pod, not one of the same name still shutting down."""
+        matches = [w for w in self.workers.values() if (w.namespace, w.name) == (namespace, name)]
+        return min(matches, key=lambda w: w.stopping, default=None)
+
+    # -- what a pod refers to --------------------------------------------------------------
     async def fetch_objects(
         self, namespace: str, refs: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], dict[str, bytes]]:
+        """Secrets and ConfigMaps by reference. 403 counts as absent: the Node authorizer
+        grants access once it has seen the pod that refers to them, a moment after binding."""
         found: dict[tuple[str, str], dict[str, bytes]] = {}
         for kind, name in refs:
             plural = "secrets" if kind == "secret" else "configmaps"
-            obj = await self.api.get_or_none(f"/api/v1/namespaces/{namespace}/{plural}/{name}")
+            try:
+                obj = await self.api.get_or_none(f"/api/v1/namespaces/{namespace}/{plural}/{name}")
+            except ApiError as err:
+                if err.status != 403:
+                    raise
+                obj = None
             if obj is not None:
                 found[(kind, name)] = podconfig.object_data(kind, obj)
         return found
+
+    async def request_token(self, pod: dict[str, Any], source: podconfig.TokenSource) -> str:
+        """A bound service-account token for ``pod`` (TokenRequest API), as the kubelet gets it."""
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        account = spec.get("serviceAccountName") or "default"
+        body: dict[str, Any] = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": source.expiration_seconds,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+            },
+        }
+        if source.audience:
+            body["spec"]["audiences"] = [source.audience]
+        try:
+            answer = await self.api.post(
+                f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token", body
+            )
+        except ApiError as err:
+            raise podconfig.ConfigError(f"service account token for {account}: {err}") from None
+        return answer["status"]["token"]
+
+    def event(self, pod: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event about ``pod`` from this node (best effort, in the background)."""
+        meta = pod["metadata"]
+        stamp = now()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta["uid"]},
+            "reason": reason,
+            "message": message[:1024],
+            "type": kind,
+            "source": {"component": "kubelet", "host": self.node_name},
+            "reportingComponent": "kubelet",
+            "reportingInstance": self.node_name,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+
+        async def post() -> None:
+            try:
+                await self.api.post(f"/api/v1/namespaces/{meta['namespace']}/events", body)
+            except Exception as err:
+                log.debug("event %s for %s/%s not posted: %s", reason, meta["namespace"], meta["name"], err)
+
+        self.spawn(post())
 
     # -- DNS -----------------------------------------------------------------------------
     def dns_changed(self, new_worker: PodWorker | None = None) -> None:
@@ -259,17 +426,17 @@ class Kubelet:
         self._dns_dirty.set()
 
     def write_hosts_files(self, only: PodWorker | None = None) -> None:
+        with_net = [w for w in self.workers.values() if w.net is not None]
         records = [
             hostsfile.PodRecord(
-                namespace=w.namespace, name=w.name, ip=w.state.pod_ip,
+                namespace=w.namespace, name=w.name, ip=w.state.pod_ip or "",
                 hostname=(w.pod.get("spec") or {}).get("hostname"),
                 subdomain=(w.pod.get("spec") or {}).get("subdomain"),
             )
-            for w in self.workers.values()
-            if w.net is not None
+            for w in with_net
         ]
-        shared = hostsfile.cluster_lines(records, self._services, self.s3_address)
-        for record, worker in zip(records, [w for w in self.workers.values() if w.net is not None]):
+        shared = hostsfile.cluster_lines(records, self._services, self.s3_address, self.api_host)
+        for record, worker in zip(records, with_net):
             if only is not None and worker is not only:
                 continue
             if worker.dir.exists():
@@ -302,49 +469,3 @@ class Kubelet:
             except Exception as err:
                 log.debug("service poll failed: %s", err)
             await asyncio.sleep(SERVICE_POLL_SECONDS)
-
-    # -- LogSource -----------------------------------------------------------------------
-    def _find(self, namespace: str, pod: str) -> PodWorker:
-        for worker in self.workers.values():
-            if worker.namespace == namespace and worker.name == pod:
-                return worker
-        raise KeyError(f"{namespace}/{pod}")
-
-    def stream(
-        self, namespace: str, pod: str, container: str | None, follow: bool, previous: bool = False
-    ) -> AsyncIterator[bytes]:
-        """Container logs; with ``follow`` keeps streaming until the process ends."""
-        worker = self._find(namespace, pod)
-        state = worker.container_state(container)
-        restart = state.restart_count - 1 if previous else state.restart_count
-        if restart < 0:
-            raise KeyError(f"{namespace}/{pod}/{container}: no previous container")
-        return self._tail(worker, state, restart, follow)
-
-    async def _tail(
-        self, worker: PodWorker, state: ContainerState, restart: int, follow: bool
-    ) -> AsyncIterator[bytes]:
-        path = worker.log_path(state, restart)
-        while follow and not path.exists() and not worker.exited.is_set():
-            await asyncio.sleep(0.2)
-        if not path.exists():
-            return
-        with open(path, "rb") as f:
-            while True:
-                chunk = f.read(65536)
-                if chunk:
-                    yield chunk
-                    continue
-                if not follow:
-                    return
-                running = (
-                    state.restart_count == restart
-                    and state.state in ("running", "waiting")
-                    and not worker.exited.is_set()
-                )
-                if not running:
-                    chunk = f.read()
-                    if chunk:
-                        yield chunk
-                    return
-                await asyncio.sleep(0.2)

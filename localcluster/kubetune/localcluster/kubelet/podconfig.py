@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from kubetune.localcluster.kubelet import devices
+
 Lookup = Mapping[tuple[str, str], Mapping[str, bytes]]  # (kind, name) -> key -> bytes
 
 
@@ -67,7 +69,30 @@ def referenced_objects(pod: Mapping[str, Any]) -> set[tuple[str, str]]:
             refs.add(("secret", volume["secret"]["secretName"]))
         if "configMap" in volume:
             refs.add(("configmap", volume["configMap"]["name"]))
+        for source in (volume.get("projected") or {}).get("sources") or []:
+            if "secret" in source:
+                refs.add(("secret", source["secret"]["name"]))
+            if "configMap" in source:
+                refs.add(("configmap", source["configMap"]["name"]))
     return refs
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """A projected ``serviceAccountToken``: the node agent asks the TokenRequest API for it."""
+
+    audience: str
+    expiration_seconds: int
+
+
+def token_sources(pod: Mapping[str, Any]) -> set[TokenSource]:
+    found: set[TokenSource] = set()
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        for source in (volume.get("projected") or {}).get("sources") or []:
+            token = source.get("serviceAccountToken")
+            if token is not None:
+                found.add(TokenSource(token.get("audience") or "", int(token.get("expirationSeconds") or 3600)))
+    return found
 
 
 def _kind_label(kind: str) -> str:
@@ -183,55 +208,107 @@ def _write_items(
     for key, rel_path, mode in selected:
         if key not in data:
             raise ConfigError(f"volume item key {key} not found")
-        target = directory / rel_path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data[key])
-        os.chmod(target, mode)
+        _write_file(directory / rel_path, data[key], mode)
+
+
+SUPPORTED_VOLUMES = ("emptyDir", "configMap", "secret", "downwardAPI", "projected")
+
+
+def _object_items(
+    directory: Path, objects: Lookup, kind: str, obj_name: str, source: Mapping[str, Any], default_mode: int,
+    volume: str,
+) -> None:
+    if (kind, obj_name) not in objects:
+        if source.get("optional", False):
+            return
+        raise ConfigError(f'{_kind_label(kind)} "{obj_name}" not found (volume {volume})')
+    _write_items(directory, objects[(kind, obj_name)], source, default_mode)
+
+
+def _downward_items(
+    directory: Path, pod: Mapping[str, Any], facts: PodFacts, items: list[Mapping[str, Any]], default_mode: int,
+    volume: str,
+) -> None:
+    meta = pod.get("metadata") or {}
+    for item in items:
+        if "fieldRef" not in item:
+            continue  # resourceFieldRef: no resource accounting locally
+        path = item["fieldRef"]["fieldPath"]
+        if path in ("metadata.labels", "metadata.annotations"):
+            values = meta.get(path.split(".")[1]) or {}
+            text = "\n".join(f'{k}="{v}"' for k, v in sorted(values.items()))
+        else:
+            text = _field_ref(pod, facts, path, f"volume {volume}")
+        _write_file(directory / item["path"], text.encode(), item.get("mode", default_mode))
+
+
+def _write_file(target: Path, data: bytes, mode: int) -> None:
+    """Replace ``target`` atomically: a process may be reading it (a token being refreshed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_bytes(data)
+    os.chmod(temporary, mode)
+    os.replace(temporary, target)
 
 
 def materialise_volumes(
-    pod: Mapping[str, Any], pod_dir: Path, objects: Lookup, facts: PodFacts
+    pod: Mapping[str, Any], pod_dir: Path, objects: Lookup, facts: PodFacts,
+    tokens: Mapping[TokenSource, str] | None = None,
 ) -> dict[str, Path]:
     """Write every volume of the pod under ``pod_dir/volumes/<name>``; returns name -> dir.
 
     emptyDir directories survive container restarts (only created if missing); configMap,
-    secret and downwardAPI contents are rewritten each time."""
+    secret, downwardAPI and projected contents are rewritten each time. ``tokens`` holds the
+    service-account tokens the node agent obtained for the pod's projected volumes."""
     volumes: dict[str, Path] = {}
-    meta = pod.get("metadata") or {}
     for volume in (pod.get("spec") or {}).get("volumes") or []:
         name = volume["name"]
+        kinds = [k for k in volume if k != "name"]
+        if any(k not in SUPPORTED_VOLUMES for k in kinds):
+            raise ConfigError(
+                f"volume {name}: {', '.join(k for k in kinds if k not in SUPPORTED_VOLUMES)} volumes are not "
+                f"supported in local mode (supported: {', '.join(SUPPORTED_VOLUMES)})"
+            )
         directory = pod_dir / "volumes" / name
         directory.mkdir(parents=True, exist_ok=True)
         volumes[name] = directory
-        for kind, field, name_key in (
-            ("secret", "secret", "secretName"),
-            ("configmap", "configMap", "name"),
-        ):
-            if field not in volume:
-                continue
-            source = volume[field]
-            obj_name = source[name_key]
-            if (kind, obj_name) not in objects:
-                if source.get("optional", False):
-                    continue
-                raise ConfigError(f'{_kind_label(kind)} "{obj_name}" not found (volume {name})')
-            _write_items(directory, objects[(kind, obj_name)], source, source.get("defaultMode", 0o644))
+        if "secret" in volume:
+            source = volume["secret"]
+            _object_items(directory, objects, "secret", source["secretName"], source,
+                          source.get("defaultMode", 0o644), name)
+        if "configMap" in volume:
+            source = volume["configMap"]
+            _object_items(directory, objects, "configmap", source["name"], source,
+                          source.get("defaultMode", 0o644), name)
         if "downwardAPI" in volume:
             source = volume["downwardAPI"]
-            for item in source.get("items") or []:
-                if "fieldRef" not in item:
-                    continue  # resourceFieldRef: no resource accounting locally
-                path = item["fieldRef"]["fieldPath"]
-                if path in ("metadata.labels", "metadata.annotations"):
-                    values = meta.get(path.split(".")[1]) or {}
-                    text = "\n".join(f'{k}="{v}"' for k, v in sorted(values.items()))
-                else:
-                    text = _field_ref(pod, facts, path, f"volume {name}")
-                target = directory / item["path"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text)
-                os.chmod(target, item.get("mode", source.get("defaultMode", 0o644)))
+            _downward_items(directory, pod, facts, source.get("items") or [], source.get("defaultMode", 0o644), name)
+        if "projected" in volume:
+            _projected(directory, pod, facts, objects, tokens or {}, volume["projected"], name)
     return volumes
+
+
+def _projected(
+    directory: Path, pod: Mapping[str, Any], facts: PodFacts, objects: Lookup,
+    tokens: Mapping[TokenSource, str], projected: Mapping[str, Any], volume: str,
+) -> None:
+    mode = projected.get("defaultMode", 0o644)
+    for source in projected.get("sources") or []:
+        if "secret" in source:
+            _object_items(directory, objects, "secret", source["secret"]["name"], source["secret"], mode, volume)
+        elif "configMap" in source:
+            _object_items(directory, objects, "configmap", source["configMap"]["name"], source["configMap"], mode,
+                          volume)
+        elif "downwardAPI" in source:
+            _downward_items(directory, pod, facts, source["downwardAPI"].get("items") or [], mode, volume)
+        elif "serviceAccountToken" in source:
+            spec = source["serviceAccountToken"]
+            key = TokenSource(spec.get("audience") or "", int(spec.get("expirationSeconds") or 3600))
+            if key not in tokens:
+                raise ConfigError(f"volume {volume}: no service account token yet")
+            _write_file(directory / spec["path"], tokens[key].encode(), mode)
+        else:
+            raise ConfigError(f"volume {volume}: projected source {sorted(source)} is not supported in local mode")
 
 
 def container_mounts(
@@ -250,3 +327,25 @@ def container_mounts(
             source = source / mount["subPath"]
         mounts.append((str(source), mount["mountPath"], bool(mount.get("readOnly", False))))
     return mounts
+
+
+def _gpu_limit(container: Mapping[str, Any]) -> int:
+    limits = (container.get("resources") or {}).get("limits") or {}
+    return int(limits.get(devices.RESOURCE, 0) or 0)
+
+
+def gpu_request(pod: Mapping[str, Any]) -> int:
+    """GPUs the pod holds while it runs: its largest init container or all its containers."""
+    spec = pod.get("spec") or {}
+    main = sum(_gpu_limit(c) for c in spec.get("containers") or [])
+    return max([main, *(_gpu_limit(c) for c in spec.get("initContainers") or [])])
+
+
+def gpu_env(container: Mapping[str, Any], gpus: list[int], node_gpus: int) -> dict[str, str]:
+    """Which GPUs a container sees: the pod's when it asks for any, none otherwise."""
+    if node_gpus == 0:
+        return {}
+    if _gpu_limit(container) > 0:
+        visible = ",".join(str(index) for index in gpus)
+        return {"CUDA_VISIBLE_DEVICES": visible, "NVIDIA_VISIBLE_DEVICES": visible}
+    return {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"}

@@ -1,4 +1,5 @@
-"""Pure builders for the pod ``status`` the kubelet reports, shaped like a real kubelet's."""
+"""Pure builders for the pod ``status`` the node agent reports, shaped like a real kubelet's
+(``pkg/kubelet/kubelet_pods.go``: ``getPhase`` and ``generateAPIPodStatus``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def now() -> str:
 
 @dataclass
 class ContainerState:
-    """What the kubelet knows about one container, turned into a containerStatus."""
+    """What the node agent knows about one container, turned into a containerStatus."""
 
     name: str
     image: str
@@ -35,12 +36,10 @@ class ContainerState:
             "reason": self.reason,
             "startedAt": self.started_at,
             "finishedAt": self.finished_at,
-            "containerID": self.container_id,
+            "containerID": self.container_id or None,
+            "signal": self.signal or None,
+            "message": self.message or None,
         }
-        if self.signal:
-            out["signal"] = self.signal
-        if self.message:
-            out["message"] = self.message
         return out
 
     @property
@@ -48,29 +47,30 @@ class ContainerState:
         return f"local://{self.pid}" if self.pid else ""
 
     def to_status(self) -> dict[str, Any]:
-        status: dict[str, Any] = {
+        # Every state key is present, the inactive ones as null: the status goes out as a
+        # strategic merge patch, which would otherwise keep the previous state beside the new
+        # one (and the API server refuses a container in two states).
+        state: dict[str, Any] = {"waiting": None, "running": None, "terminated": None}
+        if self.state == "running":
+            state["running"] = {"startedAt": self.started_at}
+        elif self.state == "terminated":
+            state["terminated"] = self.terminated_dict()
+        else:
+            state["waiting"] = {"reason": self.reason, "message": self.message or None}
+        return {
             "name": self.name,
             "image": self.image,
             "imageID": "",
+            "containerID": self.container_id or None,
             "ready": self.state == "running",
             "started": self.state == "running",
             "restartCount": self.restart_count,
+            "state": state,
+            "lastState": {
+                "waiting": None, "running": None,
+                "terminated": self.last_terminated,
+            },
         }
-        if self.pid:
-            status["containerID"] = self.container_id
-        if self.state == "running":
-            status["state"] = {"running": {"startedAt": self.started_at}}
-        elif self.state == "terminated":
-            status["state"] = {"terminated": self.terminated_dict()}
-        else:
-            waiting: dict[str, Any] = {"reason": self.reason}
-            if self.message:
-                waiting["message"] = self.message
-            status["state"] = {"waiting": waiting}
-        status["lastState"] = (
-            {"terminated": self.last_terminated} if self.last_terminated else {}
-        )
-        return status
 
 
 def terminated_reason(exit_code: int) -> str:
@@ -84,36 +84,63 @@ class PodState:
     host_ip: str | None = None
     start_time: str | None = None
     scheduled_at: str = field(default_factory=now)
+    sandbox_ready_at: str | None = None
     initialized_at: str | None = None
     ready_since: str | None = None
-    ready: bool = False
     message: str | None = None
     reason: str | None = None
 
 
+def pod_phase(
+    restart_policy: str,
+    init_containers: list[ContainerState],
+    containers: list[ContainerState],
+    terminal: bool = False,
+) -> str:
+    """The kubelet's ``getPhase``. ``terminal``: the pod is being deleted and every container
+    has stopped, so it ends Succeeded or Failed whatever its restart policy."""
+    failed_init = sum(c.state == "terminated" and c.exit_code != 0 for c in init_containers)
+    pending_init = sum(not (c.state == "terminated" and c.exit_code == 0) for c in init_containers)
+    running = waiting = stopped = succeeded = 0
+    for container in containers:
+        if container.state == "running":
+            running += 1
+        elif container.state == "terminated":
+            stopped += 1
+            succeeded += container.exit_code == 0
+        elif container.last_terminated is not None:
+            stopped += 1  # waiting to restart after it ran
+        else:
+            waiting += 1
+    if failed_init and restart_policy == "Never":
+        return "Failed"
+    if pending_init and not terminal:
+        return "Pending"
+    if waiting and not terminal:
+        return "Pending"
+    if running:
+        return "Running"
+    if stopped:
+        if terminal:
+            return "Succeeded" if stopped == succeeded else "Failed"
+        if restart_policy == "Always":
+            return "Running"
+        if stopped == succeeded == len(containers):
+            return "Succeeded"
+        if restart_policy == "Never":
+            return "Failed"
+        return "Running"
+    return "Failed" if terminal else "Pending"
+
+
 def _condition(kind: str, ok: bool, when: str | None, reason: str | None = None) -> dict[str, Any]:
-    cond: dict[str, Any] = {
+    return {
         "type": kind,
         "status": "True" if ok else "False",
         "lastProbeTime": None,
         "lastTransitionTime": when or now(),
+        "reason": None if ok else reason,
     }
-    if reason and not ok:
-        cond["reason"] = reason
-    return cond
-
-
-def pod_phase(restart_policy: str, container: ContainerState, will_restart: bool) -> str:
-    """Phase of a single-container pod, following the kubelet's rules."""
-    if container.state == "running":
-        return "Running"
-    if container.state == "terminated":
-        if will_restart:
-            return "Running"
-        return "Succeeded" if container.exit_code == 0 else "Failed"
-    if container.restart_count > 0 and restart_policy != "Never":
-        return "Running"  # waiting in CrashLoopBackOff between restarts
-    return "Pending"
 
 
 def _init_status(container: ContainerState) -> dict[str, Any]:
@@ -125,23 +152,31 @@ def _init_status(container: ContainerState) -> dict[str, Any]:
 
 
 def build_status(
-    pod: PodState, container: ContainerState, init_containers: list[ContainerState] | None = None
+    pod: PodState, containers: list[ContainerState], init_containers: list[ContainerState] | None = None
 ) -> dict[str, Any]:
-    """The full ``status`` object for a merge patch of the /status subresource."""
-    ready = container.state == "running"
-    not_ready_reason = "PodCompleted" if pod.phase in ("Succeeded", "Failed") else "ContainersNotReady"
+    """The ``status`` to send as a strategic merge patch of the pod's /status subresource.
+    Without probes a container is ready while it runs."""
+    init_containers = init_containers or []
+    ready = bool(containers) and all(c.state == "running" for c in containers)
+    finished = pod.phase in ("Succeeded", "Failed")
+    not_ready_reason = "PodCompleted" if finished else "ContainersNotReady"
+    init_reason = "PodCompleted" if finished else "ContainersNotInitialized"
     status: dict[str, Any] = {
         "phase": pod.phase,
         "conditions": [
-            _condition("PodScheduled", True, pod.scheduled_at),
-            _condition("Initialized", pod.initialized_at is not None, pod.initialized_at, "ContainersNotInitialized"),
+            _condition("PodReadyToStartContainers", pod.sandbox_ready_at is not None and not finished,
+                       pod.sandbox_ready_at),
+            _condition("Initialized", pod.initialized_at is not None, pod.initialized_at, init_reason),
             _condition("ContainersReady", ready, pod.ready_since, not_ready_reason),
             _condition("Ready", ready, pod.ready_since, not_ready_reason),
+            _condition("PodScheduled", True, pod.scheduled_at),
         ],
-        "containerStatuses": [container.to_status()],
-        **({"initContainerStatuses": [_init_status(c) for c in init_containers]} if init_containers else {}),
-        "qosClass": "BestEffort",
+        "containerStatuses": [c.to_status() for c in containers],
+        "message": pod.message,
+        "reason": pod.reason,
     }
+    if init_containers:
+        status["initContainerStatuses"] = [_init_status(c) for c in init_containers]
     if pod.host_ip:
         status["hostIP"] = pod.host_ip
         status["hostIPs"] = [{"ip": pod.host_ip}]
@@ -150,8 +185,4 @@ def build_status(
         status["podIPs"] = [{"ip": pod.pod_ip}]
     if pod.start_time:
         status["startTime"] = pod.start_time
-    if pod.message:
-        status["message"] = pod.message
-    if pod.reason:
-        status["reason"] = pod.reason
     return status

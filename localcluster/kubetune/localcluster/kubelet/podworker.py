@@ -1,28 +1,32 @@
-"""One pod's life on the local kubelet: network, config, process, restarts, status, teardown.
+"""One pod's life on the local node: network, config, processes, restarts, status, teardown.
 
-Local-mode differences from a real kubelet (documented for users):
-* ``image`` is ignored: the command runs in the cluster's own Python environment (its venv's
-  ``bin`` first on PATH, so ``torchrun`` and ``kubetune`` resolve).
-* ``securityContext.runAsUser``/``runAsNonRoot`` are ignored: processes run as the user that
-  started the cluster.
-* Only the first container of ``spec.containers`` runs (after the init containers, in order).
-* No resource limits, probes or image pulls.
-* Termination messages: a per-pod file bind-mounted at ``terminationMessagePath``; without
-  mount namespaces its path is passed in ``$KUBETUNE_TERMINATION_LOG`` instead (see termination.py).
+What a kubelet does, for containers that are local processes:
+* init containers run one after another, then every container at once, each restarted by the
+  pod's ``restartPolicy`` (CrashLoopBackOff from 1 s doubling to 60 s, the shorter back-off of
+  KEP-4603, instead of 10 s to 5 min);
+* deletion is graceful: SIGTERM to every container, SIGKILL after the grace period, the final
+  status (Succeeded or Failed) reported, then the node agent deletes the pod for good;
+* stdout and stderr go to CRI-format log files (``containerlogs``), one per container start;
+* termination messages: a per-container file bind-mounted at ``terminationMessagePath``;
+  without mount namespaces its path is passed in ``$KUBETUNE_TERMINATION_LOG`` instead.
+
+Local-mode differences (each one a pod Event, see ``local_mode_differences``): the image is
+ignored and the command runs in this Python environment, as the cluster's own user; no probes,
+no resource limits (the scheduler still places pods by their requests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from kubetune.localcluster.kubelet import podconfig, termination
+from kubetune.localcluster.kubelet import containerlogs, podconfig, termination
 from kubetune.localcluster.kubelet.apiclient import ApiError
 from kubetune.localcluster.kubelet.podstatus import (
     ContainerState,
@@ -33,6 +37,7 @@ from kubetune.localcluster.kubelet.podstatus import (
     terminated_reason,
 )
 from kubetune.localcluster.network import PodNet
+from kubetune.localcluster.processes import die_with_parent
 
 if TYPE_CHECKING:
     from kubetune.localcluster.kubelet.kubelet import Kubelet
@@ -40,59 +45,94 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_RETRY_SECONDS = 1.0
-MAX_BACKOFF_SECONDS = 10.0
-MAX_GRACE_SECONDS = 10.0
-PR_SET_PDEATHSIG = 1
+FIRST_BACKOFF_SECONDS = 1.0
+MAX_BACKOFF_SECONDS = 60.0
+LOG_DRAIN_SECONDS = 2.0
+TOKEN_REFRESH_FRACTION = 0.8  # the kubelet renews a projected token at 80% of its lifetime
 
 
-def _die_with_kubelet() -> None:
-    """Runs in the child before exec: SIGKILL it if the kubelet's thread dies (a crashed
-    cluster must not leave training processes behind). Survives exec of ip/unshare/sh."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+def local_mode_differences(pod: dict[str, Any]) -> list[str]:
+    """What this pod asks for that local mode does not do, in words for an Event."""
+    spec = pod.get("spec") or {}
+    found: list[str] = []
+    pod_context = spec.get("securityContext") or {}
+    for container in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        context = {**pod_context, **(container.get("securityContext") or {})}
+        name = container["name"]
+        for key in ("runAsUser", "runAsGroup"):
+            if key in context:
+                found.append(f"{name}: {key} {context[key]} (runs as uid {os.geteuid()})")
+        if context.get("runAsNonRoot") and os.geteuid() == 0:
+            found.append(f"{name}: runAsNonRoot (runs as root)")
+        if context.get("readOnlyRootFilesystem"):
+            found.append(f"{name}: readOnlyRootFilesystem")
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if probe in container:
+                found.append(f"{name}: {probe} (ready while running)")
+        if (container.get("resources") or {}).get("limits"):
+            found.append(f"{name}: resource limits (not enforced)")
+    return found
 
 
 class PodWorker:
-    def __init__(self, kubelet: "Kubelet", pod: dict[str, Any]) -> None:
-        self.kubelet = kubelet
+    def __init__(self, node: "Kubelet", pod: dict[str, Any]) -> None:
+        self.node = node
         self.pod = pod
         meta = pod["metadata"]
         self.namespace: str = meta["namespace"]
         self.name: str = meta["name"]
-        self.uid: str = meta.get("uid") or f"{self.namespace}-{self.name}"
+        self.uid: str = meta["uid"]
         spec = pod.get("spec") or {}
-        self.container_spec: dict[str, Any] = spec["containers"][0]
         self.restart_policy: str = spec.get("restartPolicy", "Always")
-        self.dir = kubelet.state_dir / "pods" / self.uid
+        self.dir = node.state_dir / "pods" / self.uid
         self.log_dir = self.dir / "logs"
-        self.container = ContainerState(
-            name=self.container_spec["name"], image=self.container_spec.get("image", "")
-        )
+        self.specs: list[dict[str, Any]] = list(spec.get("containers") or [])
+        self.containers = [ContainerState(name=c["name"], image=c.get("image", "")) for c in self.specs]
         self.init_specs: list[dict[str, Any]] = list(spec.get("initContainers") or [])
         self.init_containers = [ContainerState(name=c["name"], image=c.get("image", "")) for c in self.init_specs]
         if self.init_specs:
-            self.container.reason = "PodInitializing"
-        self.state = PodState(host_ip=kubelet.network.host_address)
+            for container in self.containers:
+                container.reason = "PodInitializing"
+        self.state = PodState(host_ip=node.network.host_address)
         self.net: PodNet | None = None
-        self.process: asyncio.subprocess.Process | None = None
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.exited = asyncio.Event()  # the pod will run no more processes
         self.task: asyncio.Task[None] | None = None
-        self._terminating = False
+        self.stopping = False
+        self._stop_requested = asyncio.Event()
+        self._report_lock = asyncio.Lock()
         self._mount_points: list[str] = []
+        self._tokens: dict[podconfig.TokenSource, tuple[str, float]] = {}  # token, refresh at (monotonic)
+        self.gpus: list[int] = []
+        self._deadline: asyncio.Task[None] | None = None
 
-    # -- paths used by logs --------------------------------------------------------------
+    # -- what the node API and DNS read ---------------------------------------------------
     def container_state(self, name: str | None) -> ContainerState:
-        for state in [self.container, *self.init_containers]:
-            if name in (None, state.name):
+        everything = [*self.containers, *self.init_containers]
+        if name is None:
+            return everything[0]
+        for state in everything:
+            if state.name == name:
                 return state
-        raise KeyError(name)
+        raise KeyError(f"container {name} is not valid for pod {self.name}")
 
     def log_path(self, container: ContainerState, restart: int | None = None) -> Path:
         n = container.restart_count if restart is None else restart
         return self.log_dir / f"{container.name}.{n}.log"
+
+    def log_file(self, container: str | None, previous: bool) -> tuple[Path, Callable[[], bool]]:
+        state = self.container_state(container)
+        restart = state.restart_count - 1 if previous else state.restart_count
+        if restart < 0:
+            raise KeyError(f'previous terminated container "{state.name}" in pod "{self.name}" not found')
+
+        def live() -> bool:
+            return (
+                state.restart_count == restart and state.state in ("running", "waiting")
+                and not self.exited.is_set()
+            )
+
+        return self.log_path(state, restart), live
 
     def termination_file(self, container: ContainerState) -> Path:
         return self.dir / f"{container.name}.termination-log"
@@ -115,171 +155,264 @@ class PodWorker:
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            log.exception("pod %s/%s: kubelet error", self.namespace, self.name)
-            self._set_terminated(self.container, 128, "StartError", f"local kubelet could not run the container: {err}")
+            log.exception("pod %s/%s: node agent error", self.namespace, self.name)
+            for container in self.containers:
+                if container.state != "terminated":
+                    self._set_terminated(
+                        container, 128, "StartError", f"the local node could not run the container: {err}"
+                    )
             self.state.phase = "Failed"
             await self._report()
-        finally:
+            self._release()
+            await self._release_network()
             self.exited.set()
 
     async def _run_inner(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        differences = local_mode_differences(self.pod)
+        if differences:
+            self.node.event(self.pod, "Warning", "LocalModeDifference",
+                            "not applied in local mode: " + "; ".join(differences))
         # IP and DNS entry before any process, so peers resolve each other from the start.
-        self.net = await asyncio.to_thread(self.kubelet.network.add_pod)
+        self.net = await asyncio.to_thread(self.node.network.add_pod)
         self.state.pod_ip = self.net.ip
-        self.kubelet.dns_changed(new_worker=self)
+        self.state.start_time = now()
+        self.state.sandbox_ready_at = now()
+        self.gpus = self.node.gpus.allocate(self.uid, podconfig.gpu_request(self.pod))
+        self.node.dns_changed(new_worker=self)
         await self._report()
+        deadline = (self.pod.get("spec") or {}).get("activeDeadlineSeconds")
+        if deadline is not None:
+            self._deadline = asyncio.create_task(self._enforce_deadline(float(deadline)))
         if not await self._run_init_containers():
+            await self._finish()
             return
         self.state.initialized_at = self.state.initialized_at or now()
-        backoff = 1.0
-        while not self._terminating:
-            argv, env, mounts = await self._prepare(self.container_spec, self.container)
-            if argv is None:
-                await asyncio.sleep(CONFIG_RETRY_SECONDS)
+        refresher = asyncio.create_task(self._refresh_tokens())
+        try:
+            await asyncio.gather(*(self._container_loop(s, c) for s, c in zip(self.specs, self.containers)))
+        finally:
+            refresher.cancel()
+        if not self.stopping:
+            await self._finish()
+
+    async def _enforce_deadline(self, seconds: float) -> None:
+        """``activeDeadlineSeconds``: past it, the kubelet kills the pod and fails it."""
+        await self._pause(seconds)
+        if self.stopping or self.exited.is_set():
+            return
+        message = "Pod was active on the node longer than the specified deadline"
+        self.node.event(self.pod, "Normal", "DeadlineExceeded", message)
+        grace = float((self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+        await self.stop(grace, report=False)
+        self.state.phase, self.state.reason, self.state.message = "Failed", "DeadlineExceeded", message
+        await self._report(force=True)
+
+    async def _finish(self) -> None:
+        """Every container has stopped for good: report the final phase, free the network."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.state.phase = pod_phase(self.restart_policy, self.init_containers, self.containers)
+        await self._report()
+        self._release()
+        await self._release_network()
+        self.exited.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the pod is being stopped."""
+        try:
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _container_loop(self, spec: dict[str, Any], container: ContainerState) -> None:
+        backoff = FIRST_BACKOFF_SECONDS
+        while not self.stopping:
+            prepared = await self._prepare(spec, container)
+            if prepared is None:
+                await self._pause(CONFIG_RETRY_SECONDS)
                 continue
-            exit_code = await self._run_container(self.container_spec, self.container, argv, env, mounts)
-            if self._terminating:
+            exit_code = await self._run_container(spec, container, *prepared)
+            if self.stopping:
                 return
-            restart = self.restart_policy == "Always" or (
-                self.restart_policy == "OnFailure" and exit_code != 0
-            )
-            self.state.phase = pod_phase(self.restart_policy, self.container, restart)
+            restart = self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and exit_code != 0)
             if not restart:
+                self.state.phase = pod_phase(self.restart_policy, self.init_containers, self.containers)
                 await self._report()
-                self._release_mount_points()
-                await self._release_network()
                 return
-            # Kubernetes: CrashLoopBackOff with doubling delay; shorter locally.
-            self.container.last_terminated = self.container.terminated_dict()
-            self.container.restart_count += 1
-            self.container.state = "waiting"
-            self.container.reason = "CrashLoopBackOff"
-            self.container.message = f"back-off {backoff:.0f}s restarting failed container"
+            self._back_off(container, backoff)
+            self.state.phase = pod_phase(self.restart_policy, self.init_containers, self.containers)
             await self._report()
-            await asyncio.sleep(backoff)
+            await self._pause(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def _back_off(self, container: ContainerState, backoff: float) -> None:
+        container.last_terminated = container.terminated_dict()
+        container.restart_count += 1
+        container.state = "waiting"
+        container.reason = "CrashLoopBackOff"
+        container.message = (
+            f"back-off {backoff:.0f}s restarting failed container={container.name} pod={self.name}_{self.namespace}"
+        )
+        self.node.event(self.pod, "Warning", "BackOff", f"Back-off restarting failed container {container.name}")
 
     async def _run_init_containers(self) -> bool:
         """Run each init container to success, in order. False if the pod failed or is going."""
         for spec, container in zip(self.init_specs, self.init_containers):
-            backoff = 1.0
+            backoff = FIRST_BACKOFF_SECONDS
             while True:
-                if self._terminating:
+                if self.stopping:
                     return False
-                argv, env, mounts = await self._prepare(spec, container)
-                if argv is None:
-                    await asyncio.sleep(CONFIG_RETRY_SECONDS)
+                prepared = await self._prepare(spec, container)
+                if prepared is None:
+                    await self._pause(CONFIG_RETRY_SECONDS)
                     continue
-                code = await self._run_container(spec, container, argv, env, mounts)
-                if self._terminating:
+                code = await self._run_container(spec, container, *prepared)
+                if self.stopping:
                     return False
                 if code == 0:
                     break
                 if self.restart_policy == "Never":
-                    self.state.phase = "Failed"
-                    await self._report()
-                    self._release_mount_points()
-                    await self._release_network()
+                    for main in self.containers:
+                        main.reason = "PodInitializing"
                     return False
-                container.last_terminated = container.terminated_dict()
-                container.restart_count += 1
-                container.state, container.reason = "waiting", "CrashLoopBackOff"
+                self._back_off(container, backoff)
                 await self._report()
-                await asyncio.sleep(backoff)
+                await self._pause(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
         return True
 
+    # -- configuration ---------------------------------------------------------------------
+    async def _tokens_now(self) -> dict[podconfig.TokenSource, str]:
+        """The pod's projected service-account tokens, requested again when 80% through."""
+        for source in podconfig.token_sources(self.pod):
+            held = self._tokens.get(source)
+            if held is None or time.monotonic() >= held[1]:
+                token = await self.node.request_token(self.pod, source)
+                self._tokens[source] = (token, time.monotonic() + TOKEN_REFRESH_FRACTION * source.expiration_seconds)
+        return {source: token for source, (token, _) in self._tokens.items()}
+
+    async def _volumes(self) -> tuple[dict[tuple[str, str], dict[str, bytes]], dict[str, Path]]:
+        objects = await self.node.fetch_objects(self.namespace, podconfig.referenced_objects(self.pod))
+        tokens = await self._tokens_now()
+        volumes = await asyncio.to_thread(
+            podconfig.materialise_volumes, self.pod, self.dir, objects, self._facts(), tokens
+        )
+        return objects, volumes
+
+    async def _refresh_tokens(self) -> None:
+        """Rewrite projected volumes before their tokens expire (and configMaps and Secrets
+        with them, as the kubelet's periodic sync does)."""
+        sources = podconfig.token_sources(self.pod)
+        while sources and not self.stopping:
+            due = min((refresh for _, refresh in self._tokens.values()), default=time.monotonic() + 60)
+            await self._pause(max(1.0, due - time.monotonic()))
+            try:
+                await self._volumes()
+            except (podconfig.ConfigError, ApiError) as err:
+                log.warning("pod %s/%s: refreshing volumes failed: %s", self.namespace, self.name, err)
+
+    def _facts(self) -> podconfig.PodFacts:
+        assert self.net is not None
+        return podconfig.PodFacts(pod_ip=self.net.ip, node_name=self.node.node_name, host_ip=self.state.host_ip or "")
+
     async def _prepare(
         self, spec: dict[str, Any], container: ContainerState
-    ) -> tuple[list[str] | None, dict[str, str], list[tuple[str, str, bool]]]:
+    ) -> tuple[list[str], dict[str, str], list[tuple[str, str, bool]]] | None:
         """Resolve env and volumes; on a missing object, report CreateContainerConfigError."""
-        assert self.net is not None
-        facts = podconfig.PodFacts(
-            pod_ip=self.net.ip, node_name=self.kubelet.node_name, host_ip=self.state.host_ip or ""
-        )
         try:
-            objects = await self.kubelet.fetch_objects(self.namespace, podconfig.referenced_objects(self.pod))
-            volumes = podconfig.materialise_volumes(self.pod, self.dir, objects, facts)
+            objects, volumes = await self._volumes()
             mounts = podconfig.container_mounts(spec, volumes)
-            env = podconfig.resolve_env(self.pod, spec, objects, facts)
-        except podconfig.ConfigError as err:
-            if container.reason != "CreateContainerConfigError" or container.message != str(err):
-                container.state = "waiting"
-                container.reason = "CreateContainerConfigError"
-                container.message = str(err)
-                await self._report()
-            return None, {}, []
-        command = list(spec.get("command") or [])
-        args = podconfig.expand_args(list(spec.get("args") or []), env)
-        command = podconfig.expand_args(command, env)
-        argv = command + args
+            env = podconfig.resolve_env(self.pod, spec, objects, self._facts())
+        except (podconfig.ConfigError, ApiError) as err:
+            await self._config_error(container, str(err))
+            return None
+        argv = podconfig.expand_args(list(spec.get("command") or []), env) + podconfig.expand_args(
+            list(spec.get("args") or []), env
+        )
         if not argv:
-            container.state = "waiting"
-            container.reason = "CreateContainerConfigError"
-            container.message = (
-                "the local kubelet ignores images, so the container needs a command "
-                f"(container {container.name} of {self.namespace}/{self.name})"
+            await self._config_error(
+                container,
+                "the local node ignores images, so the container needs a command "
+                f"(container {container.name} of {self.namespace}/{self.name})",
             )
-            await self._report()
-            return None, {}, []
+            return None
         # Emptied at every start: a restarted container must not report its previous message.
         message_file = self.termination_file(container)
         message_file.write_bytes(b"")
-        full_env = self.kubelet.base_env(self.hostname)
-        if self.kubelet.network.use_mount_namespace:
+        full_env = self.node.base_env(self.hostname)
+        full_env.update(podconfig.gpu_env(spec, self.gpus, self.node.gpus.count))
+        if self.node.network.use_mount_namespace:
             message_path = termination.message_path(spec)
             mounts = [*mounts, (str(message_file), message_path, False)]
             targets = [t for src, t, _ in mounts if not os.path.isfile(src)]
             working_dir = spec.get("workingDir")
-            self._release_mount_points()
-            self._mount_points = self.kubelet.mount_points.claim(targets + ([working_dir] if working_dir else []))
-            self._mount_points += self.kubelet.mount_points.claim_file(message_path)
+            self._mount_points += self.node.mount_points.claim(targets + ([working_dir] if working_dir else []))
+            self._mount_points += self.node.mount_points.claim_file(message_path)
         else:
             full_env[termination.PATH_ENV] = str(message_file)
         full_env.update(env)
         return argv, full_env, mounts
 
+    async def _config_error(self, container: ContainerState, message: str) -> None:
+        if container.reason != "CreateContainerConfigError" or container.message != message:
+            container.state = "waiting"
+            container.reason = "CreateContainerConfigError"
+            container.message = message
+            self.node.event(self.pod, "Warning", "Failed", f"Error: {message}")
+            await self._report()
+
+    # -- processes -------------------------------------------------------------------------
     async def _run_container(
         self, spec: dict[str, Any], container: ContainerState,
         argv: list[str], env: dict[str, str], mounts: list[tuple[str, str, bool]],
     ) -> int:
         assert self.net is not None
         working_dir = spec.get("workingDir")
-        wrapped = self.kubelet.network.wrap_command(
+        wrapped = self.node.network.wrap_command(
             self.net, argv, hostname=self.hostname, hosts_file=str(self.hosts_path),
             mounts=mounts, working_dir=working_dir,
         )
         cwd = None
-        if not self.kubelet.network.use_mount_namespace:
+        if not self.node.network.use_mount_namespace:
             cwd = working_dir if working_dir and os.path.isdir(working_dir) else str(self.dir)
-        log_file = open(self.log_path(container), "ab")
         try:
-            try:
-                self.process = await asyncio.create_subprocess_exec(
-                    *wrapped, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
-                    preexec_fn=_die_with_kubelet,
-                )
-            except OSError as err:
-                self._set_terminated(container, 128, "StartError", str(err))
-                return 128
-        finally:
-            log_file.close()
-        container.pid = self.process.pid
-        container.state = "running"
-        container.reason = ""
-        container.message = None
-        container.started_at = now()
-        main = container is self.container
-        self.state.start_time = self.state.start_time or container.started_at
-        if main:
-            self.state.phase = "Running"
-            self.state.ready_since = container.started_at
-        await self._report()
-        code = await self.process.wait()
-        if main:
+            process = await asyncio.create_subprocess_exec(
+                *wrapped, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        except OSError as err:
+            self._set_terminated(container, 128, "StartError", str(err))
+            return 128
+        self.processes[container.name] = process
+        with open(self.log_path(container), "ab") as sink:
+            assert process.stdout is not None and process.stderr is not None
+            pumps = [
+                asyncio.create_task(containerlogs.pump(process.stdout, "stdout", sink)),
+                asyncio.create_task(containerlogs.pump(process.stderr, "stderr", sink)),
+            ]
+            container.pid = process.pid
+            container.state = "running"
+            container.reason = ""
+            container.message = None
+            container.started_at = now()
+            if all(c.state == "running" for c in self.containers):
+                self.state.ready_since = container.started_at
+            if self._is_main(container):
+                self.state.phase = pod_phase(self.restart_policy, self.init_containers, self.containers)
+            self.node.event(self.pod, "Normal", "Started", f"Started container {container.name}")
+            await self._report()
+            code = await process.wait()
+            # The container is its process group, as a container is its cgroup: what it left
+            # running goes with it, and its pipes close.
+            _signal_group(process.pid, signal.SIGKILL)
+            done, running = await asyncio.wait(pumps, timeout=LOG_DRAIN_SECONDS)
+            for pump in running:
+                pump.cancel()
+        self.processes.pop(container.name, None)
+        if self._is_main(container) and self.state.ready_since:
             self.state.ready_since = now()
         exit_code = 128 - code if code < 0 else code
         message = termination.read_message(spec, self.termination_file(container), self.log_path(container), exit_code)
@@ -288,6 +421,9 @@ class PodWorker:
         else:
             self._set_terminated(container, code, terminated_reason(code), message)
         return exit_code
+
+    def _is_main(self, container: ContainerState) -> bool:
+        return any(container is main for main in self.containers)
 
     @staticmethod
     def _set_terminated(
@@ -301,62 +437,70 @@ class PodWorker:
         container.finished_at = now()
         container.started_at = container.started_at or container.finished_at
 
-    async def _report(self) -> None:
-        if self._terminating:
-            return
-        body = {"status": build_status(self.state, self.container, self.init_containers)}
-        try:
-            await self.kubelet.api.merge_patch(
-                f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status", body
-            )
-        except ApiError as err:
-            if err.status != 404:  # deleted meanwhile: the DELETED event will follow
+    async def _report(self, force: bool = False) -> None:
+        if self.stopping and not force:
+            return  # the stop reports the final status itself
+        async with self._report_lock:
+            body = {"status": build_status(self.state, self.containers, self.init_containers)}
+            try:
+                await self.node.api.patch(f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status", body)
+            except ApiError as err:
+                if err.status != 404:  # deleted meanwhile: the DELETED event will follow
+                    log.warning("pod %s/%s: status update failed: %s", self.namespace, self.name, err)
+            except Exception as err:  # the API may be stopping; status is best effort
                 log.warning("pod %s/%s: status update failed: %s", self.namespace, self.name, err)
-        except Exception as err:  # the API may be stopping; status is best effort
-            log.warning("pod %s/%s: status update failed: %s", self.namespace, self.name, err)
 
-    async def terminate(self) -> None:
-        """Stop the pod: SIGTERM its process group, SIGKILL after the grace period, clean up."""
-        self._terminating = True
-        grace = (self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
-        grace = min(float(grace if grace is not None else 30), MAX_GRACE_SECONDS)
-        process = self.process
-        if process is not None and process.returncode is None:
-            self._signal_group(process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), grace)
-            except asyncio.TimeoutError:
-                pass
-        if process is not None:
-            # Children that ignored SIGTERM, or outlived the leader, still share its group.
-            self._signal_group(process.pid, signal.SIGKILL)
+    async def stop(self, grace: float, report: bool) -> None:
+        """Stop the pod: SIGTERM every container, SIGKILL after ``grace`` seconds, report the
+        final status (``report``: the pod still exists in the API), free what it held."""
+        self.stopping = True
+        self._stop_requested.set()
+        running = dict(self.processes)
+        for name, process in running.items():
             if process.returncode is None:
-                await process.wait()
+                self.node.event(self.pod, "Normal", "Killing", f"Stopping container {name}")
+                _signal_group(process.pid, signal.SIGTERM)
+        if running:
+            waits = [asyncio.create_task(p.wait()) for p in running.values()]
+            _, late = await asyncio.wait(waits, timeout=grace)
+            for process in running.values():
+                if process.returncode is None:
+                    _signal_group(process.pid, signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in running.values()))
+            for task in late:
+                task.cancel()
+        if self._deadline is not None and self._deadline is not asyncio.current_task():
+            self._deadline.cancel()
         if self.task is not None and not self.task.done():
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._release_mount_points()
+            try:  # the container loops notice `stopping` and record how each process ended
+                await asyncio.wait_for(asyncio.shield(self.task), 5)
+            except (asyncio.TimeoutError, Exception):
+                self.task.cancel()
+        if report:
+            self.state.phase = pod_phase(self.restart_policy, self.init_containers, self.containers, terminal=True)
+            await self._report(force=True)
+        self._release()
         await self._release_network()
-        shutil.rmtree(self.dir, ignore_errors=True)
         self.exited.set()
 
-    def _release_mount_points(self) -> None:
-        self.kubelet.mount_points.release(self._mount_points)
+    def remove_files(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _release(self) -> None:
+        self.node.mount_points.release(self._mount_points)
         self._mount_points = []
+        self.node.gpus.release(self.uid)
 
     async def _release_network(self) -> None:
         """A finished pod keeps its podIP in status (like Kubernetes) but no namespace or DNS."""
         if self.net is not None:
             net, self.net = self.net, None
-            await asyncio.to_thread(self.kubelet.network.remove_pod, net)
-            self.kubelet.dns_changed()
+            await asyncio.to_thread(self.node.network.remove_pod, net)
+            self.node.dns_changed()
 
-    @staticmethod
-    def _signal_group(pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

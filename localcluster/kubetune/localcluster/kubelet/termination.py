@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kubetune.localcluster.kubelet import containerlogs
+
 DEFAULT_PATH = "/dev/termination-log"
 PATH_ENV = "KUBETUNE_TERMINATION_LOG"
 MAX_MESSAGE_BYTES = 4096
@@ -36,20 +38,5 @@ def read_message(container_spec: dict[str, Any], message_file: Path, log_file: P
     if written.strip():
         return written.decode("utf-8", errors="replace")
     if exit_code != 0 and container_spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-        return log_tail(log_file) or None
+        return containerlogs.plain_tail(log_file, MAX_LOG_LINES, MAX_LOG_BYTES) or None
     return None
-
-
-def log_tail(log_file: Path, max_lines: int = MAX_LOG_LINES, max_bytes: int = MAX_LOG_BYTES) -> str:
-    try:
-        with open(log_file, "rb") as handle:
-            handle.seek(0, 2)
-            size = handle.tell()
-            handle.seek(max(0, size - max_bytes))
-            data = handle.read()
-    except OSError:
-        return ""
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if size > max_bytes and len(lines) > 1:
-        lines = lines[1:]  # the first line was cut by the byte limit
-    return "\n".join(lines[-max_lines:])

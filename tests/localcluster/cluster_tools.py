@@ -1,6 +1,5 @@
-"""Helpers for the kubelet / pod network / CLI tests: a running LocalCluster and kubectl.
-
-Imported explicitly by the test modules (the API server tests own conftest.py)."""
+"""Helpers for the local cluster's tests: kubectl bound to a running LocalCluster, waits,
+pod manifests. The shared cluster itself is the ``cluster`` fixture in conftest.py."""
 
 from __future__ import annotations
 
@@ -9,9 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
-import pytest
 import yaml
 
 from kubetune.localcluster.cluster import LocalCluster
@@ -79,9 +77,3 @@ def pod_manifest(name: str, command: list[str], **spec: Any) -> dict[str, Any]:
 
 def container_pid(pod: dict[str, Any]) -> int:
     return int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with LocalCluster(state_dir=tmp_path_factory.mktemp("cluster")) as local:
-        yield Cluster(local)
