@@ -53,7 +53,8 @@ test: install ## Run the whole test suite (unit, local-cluster component tests, 
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install ## Unit tests only (no cluster, no training).
-	$(BIN)/pytest -m "not e2e" tests/operator tests/localcluster/test_kubelet_units.py $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not e2e" tests/operator tests/localcluster/test_kubelet_units.py tests/localcluster/test_pins.py \
+	  --ignore=tests/operator/test_operator_on_cluster.py $(PYTEST_ARGS)
 
 lint: install ## Static checks (ruff: unused and undefined names).
 	$(BIN)/ruff check .

@@ -74,7 +74,7 @@ class LocalCluster:
 
     # -- async core ----------------------------------------------------------------------
     async def astart(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         binaries = find_binaries()  # before anything starts: a missing binary is the likeliest failure
         stale = await asyncio.to_thread(leftovers.clean_crashed_clusters)
         if stale:
@@ -94,14 +94,20 @@ class LocalCluster:
                 self.state_dir, address=address, service_cidr=str(service_cidr), pki=credentials,
                 binaries=binaries, env=marker,
             )
-            # Blocking, and from this loop's thread on purpose: the processes die with it.
-            self.control_plane.start()
+            s3_started = None
+            if self.with_node:  # S3 starts meanwhile (it watches its parent's pid itself)
+                s3_addresses = list(dict.fromkeys(["127.0.0.1", address]))
+                s3_started = asyncio.ensure_future(asyncio.to_thread(
+                    S3Server.start, s3_addresses, str(self.state_dir / "logs" / "s3.log"), marker
+                ))
+            try:
+                # Blocking, and from this loop's thread on purpose: the processes die with it.
+                self.control_plane.start()
+            finally:
+                if s3_started is not None:
+                    self._s3 = await s3_started
             self.api_url = self.control_plane.api_url
             if self.with_node:
-                s3_addresses = list(dict.fromkeys(["127.0.0.1", address]))
-                self._s3 = await asyncio.to_thread(
-                    S3Server.start, s3_addresses, str(self.state_dir / "logs" / "s3.log"), marker
-                )
                 self.s3_endpoint = self._s3.url("127.0.0.1")
                 self.s3_cluster_endpoint = f"http://{S3_SERVICE_NAME}:{self._s3.port}"
                 self._kubelet = Kubelet(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kubetune.localcluster import kubeconfig, processes
 from kubetune.localcluster.binaries import ControlPlaneBinaries
-from kubetune.localcluster.pki import ADMIN_USER, KUBELET_CLIENT_USER, ClusterPKI
+from kubetune.localcluster.pki import ADMIN_USER, ClusterPKI
 
 log = logging.getLogger(__name__)
 
@@ -213,5 +213,3 @@ class ControlPlane:
         config = self._component_kubeconfig("scheduler", "system:kube-scheduler")
         return [f"--kubeconfig={config}", "--leader-elect=false", "--secure-port=0"]
 
-
-__all__ = ["ControlPlane", "KUBELET_CLIENT_USER", "SERVICE_ACCOUNT_ISSUER"]

@@ -23,10 +23,22 @@ def die_with_parent() -> None:
         pass
 
 
-def free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        return probe.getsockname()[1]
+def free_port(*addresses: str) -> int:
+    """A TCP port free on every one of ``addresses`` (loopback by default), checked by binding
+    and released: the process given it binds it a moment later."""
+    addresses = addresses or ("127.0.0.1",)
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((addresses[0], 0))
+            port = probe.getsockname()[1]
+        try:
+            for address in addresses[1:]:
+                with socket.socket() as other:
+                    other.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no TCP port free on all of {', '.join(addresses)}")
 
 
 def start(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

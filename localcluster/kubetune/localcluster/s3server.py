@@ -12,28 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 
-
-def free_port(addresses: list[str]) -> int:
-    """A TCP port free on every address (checked by binding, then released)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((addresses[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for address in addresses[1:]:
-                with socket.socket() as other:
-                    other.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no TCP port free on all of {addresses}")
+from kubetune.localcluster.processes import free_port
 
 
 @dataclass
@@ -47,7 +32,7 @@ class S3Server:
         cls, addresses: list[str], log_path: str, env: dict[str, str] | None = None, timeout: float = 30.0
     ) -> "S3Server":
         """Start moto; ``env`` is added to its environment (the cluster marks its processes)."""
-        port = free_port(addresses)
+        port = free_port(*addresses)
         argv = [sys.executable, "-m", "kubetune.localcluster.s3server", "--port", str(port),
                 "--parent", str(os.getpid())]
         for address in addresses:

@@ -141,16 +141,30 @@ def render(time: str, line: bytes, options: LogOptions) -> bytes:
     return (time.encode() + b" " + line) if options.timestamps else line
 
 
+def whole_lines(data: bytes) -> int:
+    """How many bytes of ``data`` hold whole lines: the records up to the last one that ends a
+    line (a follower reads on from there, so a line cut into records is never sent in parts)."""
+    end = offset = 0
+    for stored in data.splitlines(keepends=True):
+        if not stored.endswith(b"\n"):
+            break
+        offset += len(stored)
+        record = Record.decode(stored)
+        if record is None or record.full:
+            end = offset
+    return end
+
+
 def select(path: Path, options: LogOptions) -> tuple[list[bytes], int]:
     """What is already in the file, filtered by since and tail; also the byte offset where a
-    follower goes on reading (the end of the last complete record)."""
+    follower goes on reading. Without ``follow`` an unfinished last line is included."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return [], 0
-    end = data.rfind(b"\n") + 1
+    end = whole_lines(data)
     chosen = [
-        (time, line) for time, line in lines(data[:end].splitlines(keepends=True))
+        (time, line) for time, line in lines((data[:end] if options.follow else data).splitlines(keepends=True))
         if options.since is None or parse_timestamp(time) >= options.since
     ]
     if options.tail_lines is not None:

@@ -204,7 +204,7 @@ class Kubelet:
         }
 
     async def _register_node(self) -> None:
-        arch = self._node_status()["nodeInfo"]["architecture"]
+        status = self._node_status()
         node = {
             "apiVersion": "v1",
             "kind": "Node",
@@ -212,10 +212,10 @@ class Kubelet:
                 "name": self.node_name,
                 # Only labels NodeRestriction lets a kubelet set on itself.
                 "labels": {"kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux",
-                           "kubernetes.io/arch": arch},
+                           "kubernetes.io/arch": status["nodeInfo"]["architecture"]},
             },
             "spec": {},
-            "status": self._node_status(),
+            "status": status,
         }
         try:
             created = await self.api.post("/api/v1/nodes", node)

@@ -101,6 +101,7 @@ class PodWorker:
         self.stopping = False
         self._stop_requested = asyncio.Event()
         self._report_lock = asyncio.Lock()
+        self._volumes_lock = asyncio.Lock()
         self._mount_points: list[str] = []
         self._tokens: dict[podconfig.TokenSource, tuple[str, float]] = {}  # token, refresh at (monotonic)
         self.gpus: list[int] = []
@@ -155,6 +156,8 @@ class PodWorker:
         except asyncio.CancelledError:
             raise
         except Exception as err:
+            while isinstance(err, ExceptionGroup):
+                err = err.exceptions[0]
             log.exception("pod %s/%s: node agent error", self.namespace, self.name)
             for container in self.containers:
                 if container.state != "terminated":
@@ -191,7 +194,10 @@ class PodWorker:
         self.state.initialized_at = self.state.initialized_at or now()
         refresher = asyncio.create_task(self._refresh_tokens())
         try:
-            await asyncio.gather(*(self._container_loop(s, c) for s, c in zip(self.specs, self.containers)))
+            # A task group, not gather: when one container's loop fails, the others stop too.
+            async with asyncio.TaskGroup() as group:
+                for spec, container in zip(self.specs, self.containers):
+                    group.create_task(self._container_loop(spec, container))
         finally:
             refresher.cancel()
         if not self.stopping:
@@ -294,11 +300,13 @@ class PodWorker:
         return {source: token for source, (token, _) in self._tokens.items()}
 
     async def _volumes(self) -> tuple[dict[tuple[str, str], dict[str, bytes]], dict[str, Path]]:
-        objects = await self.node.fetch_objects(self.namespace, podconfig.referenced_objects(self.pod))
-        tokens = await self._tokens_now()
-        volumes = await asyncio.to_thread(
-            podconfig.materialise_volumes, self.pod, self.dir, objects, self._facts(), tokens
-        )
+        # One writer at a time: the pod's containers start together and share its volumes.
+        async with self._volumes_lock:
+            objects = await self.node.fetch_objects(self.namespace, podconfig.referenced_objects(self.pod))
+            tokens = await self._tokens_now()
+            volumes = await asyncio.to_thread(
+                podconfig.materialise_volumes, self.pod, self.dir, objects, self._facts(), tokens
+            )
         return objects, volumes
 
     async def _refresh_tokens(self) -> None:
@@ -403,14 +411,16 @@ class PodWorker:
             if self._is_main(container):
                 self.state.phase = pod_phase(self.restart_policy, self.init_containers, self.containers)
             self.node.event(self.pod, "Normal", "Started", f"Started container {container.name}")
-            await self._report()
-            code = await process.wait()
-            # The container is its process group, as a container is its cgroup: what it left
-            # running goes with it, and its pipes close.
-            _signal_group(process.pid, signal.SIGKILL)
-            done, running = await asyncio.wait(pumps, timeout=LOG_DRAIN_SECONDS)
-            for pump in running:
-                pump.cancel()
+            try:
+                await self._report()
+                code = await process.wait()
+            finally:
+                # The container is its process group, as a container is its cgroup: what it
+                # left running goes with it (or all of it, if the pod's worker is cancelled).
+                _signal_group(process.pid, signal.SIGKILL)
+                _, running = await asyncio.wait(pumps, timeout=LOG_DRAIN_SECONDS)
+                for pump in running:
+                    pump.cancel()
         self.processes.pop(container.name, None)
         if self._is_main(container) and self.state.ready_since:
             self.state.ready_since = now()

@@ -139,14 +139,9 @@ class NodeServer:
                 data = b""
             offset += len(data)
             pending += data
-            cut = pending.rfind(b"\n") + 1
-            # A record continued on the next one ("P") waits for its end before it is sent.
+            cut = containerlogs.whole_lines(pending)
             complete, pending = pending[:cut], pending[cut:]
-            stored = complete.splitlines(keepends=True)
-            while stored and containerlogs.Record.decode(stored[-1]) is not None and \
-                    not containerlogs.Record.decode(stored[-1]).full:  # type: ignore[union-attr]
-                pending = stored.pop() + pending
-            for time, line in containerlogs.lines(stored):
+            for time, line in containerlogs.lines(complete.splitlines(keepends=True)):
                 if not await send(containerlogs.render(time, line, options)):
                     return
             if not running:
