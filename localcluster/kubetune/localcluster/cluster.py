@@ -16,16 +16,13 @@ no node), for tests that play the node themselves.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
-import ssl
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from kubetune.localcluster import leftovers, pki
 from kubetune.localcluster.binaries import find as find_binaries
@@ -117,39 +114,31 @@ class LocalCluster:
                     self._network, self.state_dir, s3_address=address,
                 )
                 await self._kubelet.start()
-            await asyncio.to_thread(self._wait_usable, credentials)
+            await asyncio.to_thread(self._wait_usable)
         except BaseException:
             await self.astop()
             raise
 
-    def _wait_usable(self, credentials: pki.ClusterPKI, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+    def _wait_usable(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
         """Until a pod can be created and scheduled: the default ServiceAccount exists (the
         admission plugin refuses pods before) and the node is Ready without the not-ready
         taint the node lifecycle controller lifts."""
-        context = ssl.create_default_context(cafile=str(credentials.ca.cert))
-        context.load_cert_chain(str(credentials.admin.cert), str(credentials.admin.key))
-
-        def get(path: str) -> dict[str, Any] | None:
-            try:
-                with urllib.request.urlopen(self.api_url + path, timeout=5, context=context) as answer:
-                    return json.loads(answer.read())
-            except OSError:
-                return None
+        plane = self.control_plane
+        assert plane is not None
 
         def node_schedulable() -> bool:
-            node = get(f"/api/v1/nodes/{NODE_NAME}")
+            node = plane.get(f"/api/v1/nodes/{NODE_NAME}")
             if node is None:
                 return False
             ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
             return ready and not node["spec"].get("taints")
 
-        self.version = (get("/version") or {}).get("gitVersion", "")
+        self.version = (plane.get("/version") or {}).get("gitVersion", "")
         deadline = time.monotonic() + timeout
         waiting_for = "the default service account"
         while time.monotonic() < deadline:
-            assert self.control_plane is not None
-            self.control_plane.check_running()
-            if get("/api/v1/namespaces/default/serviceaccounts/default") is not None:
+            plane.check_running()
+            if plane.get("/api/v1/namespaces/default/serviceaccounts/default") is not None:
                 if not self.with_node or node_schedulable():
                     return
                 waiting_for = f"node {NODE_NAME} to be Ready and schedulable"

@@ -9,6 +9,7 @@ flags and waits until each part answers.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import shutil
 import ssl
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kubetune.localcluster import kubeconfig, processes
 from kubetune.localcluster.binaries import ControlPlaneBinaries
@@ -116,9 +118,21 @@ class ControlPlane:
             [str(binary), *args], self.log_path(name), processes.environ_with(self.env)
         )
 
-    def _wait_ready(self, deadline: float) -> None:
+    def _admin_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.pki.ca.cert))
         context.load_cert_chain(str(self.pki.admin.cert), str(self.pki.admin.key))
+        return context
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        """GET ``path`` as the admin; None when it fails (absent, or not answering yet)."""
+        try:
+            with urllib.request.urlopen(self.api_url + path, timeout=5, context=self._admin_context()) as answer:
+                return json.loads(answer.read())
+        except OSError:
+            return None
+
+    def _wait_ready(self, deadline: float) -> None:
+        context = self._admin_context()
         last = ""
         while time.monotonic() < deadline:
             self.check_running()

@@ -189,7 +189,8 @@ class PodWorker:
         if deadline is not None:
             self._deadline = asyncio.create_task(self._enforce_deadline(float(deadline)))
         if not await self._run_init_containers():
-            await self._finish()
+            if not self.stopping:  # a failed init container; a stop reports by itself
+                await self._finish()
             return
         self.state.initialized_at = self.state.initialized_at or now()
         refresher = asyncio.create_task(self._refresh_tokens())
