@@ -29,7 +29,6 @@ from kubetune.localcluster.binaries import find as find_binaries
 from kubetune.localcluster.controlplane import ControlPlane
 from kubetune.localcluster.hostsfile import S3_SERVICE_NAME
 from kubetune.localcluster.kubelet import NODE_NAME, Kubelet
-from kubetune.localcluster.kubelet.kubelet import NodeCredentials
 from kubetune.localcluster.network import PodNetwork, choose_free_cidr, new_prefix
 from kubetune.localcluster.s3server import S3Server
 
@@ -108,9 +107,7 @@ class LocalCluster:
                 self.s3_endpoint = self._s3.url("127.0.0.1")
                 self.s3_cluster_endpoint = f"http://{S3_SERVICE_NAME}:{self._s3.port}"
                 self._kubelet = Kubelet(
-                    self.api_url,
-                    NodeCredentials(credentials.ca.cert, credentials.node_client.cert, credentials.node_client.key,
-                                    credentials.node_server.cert, credentials.node_server.key),
+                    self.api_url, credentials.ca.cert, credentials.node_client, credentials.node_server,
                     self._network, self.state_dir, s3_address=address,
                 )
                 await self._kubelet.start()

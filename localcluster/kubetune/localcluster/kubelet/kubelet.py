@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import sys
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,10 +26,11 @@ from kubetune.localcluster.kubelet.apiclient import ApiClient, ApiError, client_
 from kubetune.localcluster.kubelet.devices import GPUs, RESOURCE, count_gpus
 from kubetune.localcluster.kubelet.podstatus import now
 from kubetune.localcluster.kubelet.podworker import PodWorker
-from kubetune.localcluster.kubelet.server import NodeServer, ServerTLS
+from kubetune.localcluster.kubelet.server import NodeServer
 from kubetune.localcluster.leftovers import MARKER_ENV
 from kubetune.localcluster.mountpoints import MountPoints
 from kubetune.localcluster.network import PodNetwork
+from kubetune.localcluster.pki import KeyPair
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,6 @@ NODE_STATUS_SECONDS = 60.0
 SERVICE_POLL_SECONDS = 1.0
 DNS_COALESCE_SECONDS = 0.05
 DEFAULT_GRACE_SECONDS = 30
-
-
-@dataclass(frozen=True)
-class NodeCredentials:
-    """The node's client identity toward the API server and its serving certificate."""
-
-    ca: Path
-    client_cert: Path
-    client_key: Path
-    server_cert: Path
-    server_key: Path
 
 
 def _memory_kib() -> int:
@@ -76,15 +65,16 @@ class Kubelet:
     def __init__(
         self,
         api_url: str,
-        credentials: NodeCredentials,
+        ca: Path,
+        client: KeyPair,
+        server: KeyPair,
         network: PodNetwork,
         state_dir: Path,
         s3_address: str,
         node_name: str = NODE_NAME,
     ) -> None:
-        self.api_url = api_url
-        self.api = ApiClient(api_url, client_ssl_context(credentials.ca, credentials.client_cert, credentials.client_key))
-        self.credentials = credentials
+        # The node's own identity (system:node:<name>) toward the API server.
+        self.api = ApiClient(api_url, client_ssl_context(ca, client.cert, client.key))
         self.network = network
         self.state_dir = Path(state_dir)
         self.node_name = node_name
@@ -94,8 +84,7 @@ class Kubelet:
         self.workers: dict[str, PodWorker] = {}  # by pod uid
         self.gpus = GPUs(count_gpus())
         self.mount_points = MountPoints()
-        self.server = NodeServer(self.find_pod, ServerTLS(credentials.ca, credentials.server_cert,
-                                                          credentials.server_key))
+        self.server = NodeServer(self.find_pod, ca, server)
         self._services: list[hostsfile.ServiceRecord] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()

@@ -84,6 +84,11 @@ class TokenSource:
     audience: str
     expiration_seconds: int
 
+    @classmethod
+    def of(cls, projection: Mapping[str, Any]) -> "TokenSource":
+        """From a ``serviceAccountToken`` projection, with the API's defaults."""
+        return cls(projection.get("audience") or "", int(projection.get("expirationSeconds") or 3600))
+
 
 def token_sources(pod: Mapping[str, Any]) -> set[TokenSource]:
     found: set[TokenSource] = set()
@@ -91,7 +96,7 @@ def token_sources(pod: Mapping[str, Any]) -> set[TokenSource]:
         for source in (volume.get("projected") or {}).get("sources") or []:
             token = source.get("serviceAccountToken")
             if token is not None:
-                found.add(TokenSource(token.get("audience") or "", int(token.get("expirationSeconds") or 3600)))
+                found.add(TokenSource.of(token))
     return found
 
 
@@ -303,7 +308,7 @@ def _projected(
             _downward_items(directory, pod, facts, source["downwardAPI"].get("items") or [], mode, volume)
         elif "serviceAccountToken" in source:
             spec = source["serviceAccountToken"]
-            key = TokenSource(spec.get("audience") or "", int(spec.get("expirationSeconds") or 3600))
+            key = TokenSource.of(spec)
             if key not in tokens:
                 raise ConfigError(f"volume {volume}: no service account token yet")
             _write_file(directory / spec["path"], tokens[key].encode(), mode)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from aiohttp import web
 
 from kubetune.localcluster.kubelet import containerlogs
 from kubetune.localcluster.kubelet.containerlogs import LogOptions
+from kubetune.localcluster.pki import KeyPair
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,17 @@ class LogSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class ServerTLS:
-    ca: Path
-    cert: Path
-    key: Path
-
-    def context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca))
-        context.load_cert_chain(str(self.cert), str(self.key))
-        context.verify_mode = ssl.CERT_REQUIRED
-        return context
+def _server_context(ca: Path, pair: KeyPair) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+    context.load_cert_chain(str(pair.cert), str(pair.key))
+    context.verify_mode = ssl.CERT_REQUIRED  # a client certificate from the cluster CA, or nothing
+    return context
 
 
 class NodeServer:
-    def __init__(self, find_pod: Callable[[str, str], LogSource | None], tls: ServerTLS) -> None:
+    def __init__(self, find_pod: Callable[[str, str], LogSource | None], ca: Path, pair: KeyPair) -> None:
         self._find_pod = find_pod
-        self._tls = tls
+        self._ssl = _server_context(ca, pair)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -67,7 +61,7 @@ class NodeServer:
             app.router.add_route("*", f"/{path}/{{tail:.*}}", self._refuse(what))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, address, 0, ssl_context=self._tls.context())
+        site = web.TCPSite(self._runner, address, 0, ssl_context=self._ssl)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -80,7 +74,7 @@ class NodeServer:
         return web.Response(text="ok")
 
     @staticmethod
-    def _refuse(what: str) -> Callable[[web.Request], "asyncio.Future[web.Response]"]:
+    def _refuse(what: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(_: web.Request) -> web.Response:
             return web.Response(
                 status=501,
@@ -89,7 +83,7 @@ class NodeServer:
                 "differences); use `kubectl logs` or run the command in a pod of its own",
             )
 
-        return handler  # type: ignore[return-value]
+        return handler
 
     async def _logs(self, request: web.Request) -> web.StreamResponse:
         namespace, pod_name = request.match_info["namespace"], request.match_info["pod"]
@@ -127,7 +121,7 @@ class NodeServer:
 
     @staticmethod
     async def _follow(path: Path, offset: int, live: Callable[[], bool], options: LogOptions,
-                      send: Callable[[bytes], "asyncio.Future[bool]"]) -> None:
+                      send: Callable[[bytes], Awaitable[bool]]) -> None:
         pending = b""
         while True:
             running = live()  # read before the file: what is written before it stops is sent
