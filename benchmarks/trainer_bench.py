@@ -106,13 +106,13 @@ def _run_kubetune(workload: Workload, paths: dict[str, Path], out: Path) -> dict
     import yaml
 
     from kubetune.localcluster.s3server import S3Server
-    from kubetune.trainer.config import StorageConfig
+    from kubetune.api.spec import Storage
     from kubetune.trainer.s3 import download_prefix, make_client
 
     server = S3Server.start(["127.0.0.1"], str(out / "s3.log"))
     try:
         endpoint = server.url("127.0.0.1")
-        s3 = make_client(StorageConfig(endpoint=endpoint), access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+        s3 = make_client(Storage(endpoint=endpoint), access_key=ACCESS_KEY, secret_key=SECRET_KEY)
         for bucket in ("models", "datasets", "adapters", "checkpoints"):
             s3.create_bucket(Bucket=bucket)
         for path in sorted(paths["model"].iterdir()):

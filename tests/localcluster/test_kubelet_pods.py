@@ -191,7 +191,7 @@ def test_a_volume_over_the_python_environment_does_not_hide_it(cluster: Cluster)
     # The local "image" is this machine: an emptyDir at /tmp (as the operator's workers have)
     # must not hide a virtualenv or checkout that happens to live under it (a clone in /tmp).
     top = "/" + Path(sys.prefix).parts[1]
-    script = "python -c 'import kubetune.trainer.config, sys; print(\"IMPORTED from\", sys.prefix)'; ls -A " + top
+    script = "python -c 'import kubetune.api.trainer_config, sys; print(\"IMPORTED from\", sys.prefix)'; ls -A " + top
     cluster.apply(pod_manifest(
         "volume-over-venv", ["sh", "-c", script],
         container={"volumeMounts": [{"name": "scratch", "mountPath": top}]},

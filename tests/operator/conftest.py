@@ -3,5 +3,5 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Helpers beside the tests (crd_tools) import as top-level modules whatever pytest's import mode.
-sys.path.insert(0, str(Path(__file__).parent))
+# The API tests' helpers (crd_tools: the committed CRD, CEL, minimal specs) serve these tests too.
+sys.path.insert(0, str(Path(__file__).parents[1] / "api"))

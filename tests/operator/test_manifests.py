@@ -5,8 +5,7 @@ import yaml
 from crd_tools import EXAMPLES, load_manifest, minimal_spec
 from kubetune.operator.manifests import build_children, build_config_map, build_service, build_worker_pod
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.spec import parse_spec
-from kubetune.operator.trainer_config import JobRef
+from kubetune.api import JobRef, parse_spec
 
 JOB = JobRef(name="quickstart", namespace="default", uid="u-1")
 QUICKSTART = parse_spec(load_manifest(EXAMPLES / "quickstart.yaml")["spec"])

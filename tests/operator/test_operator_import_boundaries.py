@@ -22,7 +22,7 @@ def test_operator_never_imports_torch_trainer_or_local_cluster() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["kubetune.operator.manifests", "kubetune.operator.status", "kubetune.operator.trainer_config"],
+    ["kubetune.operator.manifests", "kubetune.operator.status", "kubetune.api", "kubetune.api.crd"],
 )
 def test_pure_builders_import_neither_kopf_nor_an_api_client(module: str) -> None:
     assert {"kopf", "kubernetes"} & _modules_after_import(module) == set()

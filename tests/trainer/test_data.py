@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.config import DatasetConfig
+from kubetune.api.spec import Dataset
 from kubetune.trainer.data import (
     IGNORE_INDEX,
     Example,
@@ -49,14 +49,14 @@ def test_read_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        (['{"text": "a"}', '{"text": "b"', '{"text": "c"}'], "s3://d/x.jsonl line 2: not valid JSON"),
-        (['{"text": "a"}', "", '["a list"]'], "s3://d/x.jsonl line 3: expected a JSON object, got list"),
-        ([""], r"s3://d/x.jsonl: the dataset has no examples \(the file is empty\)"),
+        (['{"text": "a"}', '{"text": "b"', '{"text": "c"}'], "s3://data/x.jsonl line 2: not valid JSON"),
+        (['{"text": "a"}', "", '["a list"]'], "s3://data/x.jsonl line 3: expected a JSON object, got list"),
+        ([""], r"s3://data/x.jsonl: the dataset has no examples \(the file is empty\)"),
     ],
 )
 def test_malformed_lines_are_reported_with_their_number(tmp_path: Path, lines: list[str], message: str) -> None:
     with pytest.raises(TrainerError, match=message):
-        read_jsonl(write_lines(tmp_path / "d.jsonl", lines), source="s3://d/x.jsonl")
+        read_jsonl(write_lines(tmp_path / "d.jsonl", lines), source="s3://data/x.jsonl")
 
 
 def test_a_binary_file_that_is_not_parquet_is_named_with_its_line(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_a_binary_file_that_is_not_parquet_is_named_with_its_line(tmp_path: Path
 
 def test_text_format_trains_on_the_whole_text_between_bos_and_eos(tokenizer) -> None:
     [example] = tokenize_records(records({"body": "the red cat sits on the mat."}), tokenizer,
-                                 DatasetConfig(uri="s3://d/x.jsonl", text_field="body"))
+                                 Dataset(uri="s3://data/x.jsonl", text_field="body"))
     assert example.input_ids[0] == tokenizer.bos_token_id and example.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(example.input_ids[1:-1]) == "the red cat sits on the mat."
     assert example.labels == [IGNORE_INDEX] + example.input_ids[1:]
@@ -76,12 +76,12 @@ def test_text_format_trains_on_the_whole_text_between_bos_and_eos(tokenizer) -> 
 
 def test_missing_field_names_the_line_the_field_and_the_setting(tokenizer) -> None:
     data = records({"text": "fine"}, {"txt": "typo"})
-    with pytest.raises(TrainerError, match=r"s3://d/x.jsonl line 2: field 'text' is missing \(set dataset.textField.*\['txt'\]"):
-        tokenize_records(data, tokenizer, DatasetConfig(uri="s3://d/x.jsonl"), source="s3://d/x.jsonl")
+    with pytest.raises(TrainerError, match=r"s3://data/x.jsonl line 2: field 'text' is missing \(set dataset.textField.*\['txt'\]"):
+        tokenize_records(data, tokenizer, Dataset(uri="s3://data/x.jsonl"), source="s3://data/x.jsonl")
 
 
 def test_instruction_format_takes_loss_on_the_response_only(tokenizer) -> None:
-    config = DatasetConfig(uri="s3://d/x.jsonl", format="instruction")
+    config = Dataset(uri="s3://data/x.jsonl", format="instruction")
     [example] = tokenize_records(records({"prompt": "where is the cat?", "response": "on the mat."}), tokenizer, config)
     assert trained_text(tokenizer, example) == "on the mat.</s>"
     assert tokenizer.decode(example.input_ids) == "<s>where is the cat?on the mat.</s>"
@@ -99,7 +99,7 @@ def test_chat_format_renders_the_template_and_trains_on_assistant_messages_only(
         {"role": "user", "content": "and two plus two?"},
         {"role": "assistant", "content": "four."},
     ]
-    config = DatasetConfig(uri="s3://d/x.jsonl", format="chat")
+    config = Dataset(uri="s3://data/x.jsonl", format="chat")
     [example] = tokenize_records(records({"messages": messages}), tokenizer, config)
     # The whole conversation is the template's rendering (tiny.py's template)...
     assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
@@ -120,7 +120,7 @@ def test_chat_format_renders_the_template_and_trains_on_assistant_messages_only(
 def test_chat_reply_that_opens_the_conversation_is_trained_without_its_header(tokenizer) -> None:
     messages = [{"role": "assistant", "content": "hello, ask me a sum."}, {"role": "user", "content": "one plus one?"}]
     [example] = tokenize_records(records({"messages": messages}), tokenizer,
-                                 DatasetConfig(uri="s3://d/x.jsonl", format="chat"))
+                                 Dataset(uri="s3://data/x.jsonl", format="chat"))
     assert trained_text(tokenizer, example) == "hello, ask me a sum.</s>"
 
 
@@ -131,7 +131,7 @@ def test_chat_format_without_a_chat_template_says_what_to_do(tiny_assets: Path) 
     plain.chat_template = None
     with pytest.raises(TrainerError, match="tokenizer has no chat template.*chat_template"):
         tokenize_records(records({"messages": [{"role": "user", "content": "hi"}]}), plain,
-                         DatasetConfig(uri="s3://d/x.jsonl", format="chat"))
+                         Dataset(uri="s3://data/x.jsonl", format="chat"))
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_by_name(tiny_assets: Path) -> None:
@@ -141,30 +141,30 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_by_name(tiny_assets: 
     # Numbers each message by the conversation length: every new message changes the text before it.
     odd.chat_template = "{% for m in messages %}{{ messages|length }}{{ m['content'] }}{% endfor %}"
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    with pytest.raises(TrainerError, match="s3://d/x.jsonl line 1: the tokenizer's chat template does not render"):
-        tokenize_records(records({"messages": messages}), odd, DatasetConfig(uri="s3://d/x.jsonl", format="chat"),
-                         source="s3://d/x.jsonl")
+    with pytest.raises(TrainerError, match="s3://data/x.jsonl line 1: the tokenizer's chat template does not render"):
+        tokenize_records(records({"messages": messages}), odd, Dataset(uri="s3://data/x.jsonl", format="chat"),
+                         source="s3://data/x.jsonl")
 
 
 def test_overlong_examples_are_truncated_by_default_and_counted(tokenizer) -> None:
     examples = tokenize_records(records({"text": "the cat " * 100}, {"text": "a cat"}), tokenizer,
-                                DatasetConfig(uri="s3://d/x.jsonl"))
-    kept, notes = fit_to_length(examples, 16, "truncate", source="s3://d/x.jsonl")
+                                Dataset(uri="s3://data/x.jsonl"))
+    kept, notes = fit_to_length(examples, 16, "truncate", source="s3://data/x.jsonl")
     assert [len(e.input_ids) for e in kept] == [16, len(examples[1].input_ids)]
     assert all(len(e.labels) == len(e.input_ids) for e in kept)
-    assert notes == [("s3://d/x.jsonl: truncated 1 of 2 examples longer than 16 tokens to their first 16 "
+    assert notes == [("s3://data/x.jsonl: truncated 1 of 2 examples longer than 16 tokens to their first 16 "
                       "(dataset.overlong: truncate)")]
 
 
 def test_overlong_drop_leaves_them_out_and_says_how_many() -> None:
     examples = [Example([1] * n, [1] * n) for n in [10, 600, 512, 513, 30]]
-    kept, notes = fit_to_length(examples, 512, "drop", source="s3://d/x.jsonl")
+    kept, notes = fit_to_length(examples, 512, "drop", source="s3://data/x.jsonl")
     assert [len(e.input_ids) for e in kept] == [10, 512, 30]
-    assert notes == ["s3://d/x.jsonl: dropped 2 of 5 examples longer than 512 tokens (dataset.overlong: drop)"]
+    assert notes == ["s3://data/x.jsonl: dropped 2 of 5 examples longer than 512 tokens (dataset.overlong: drop)"]
 
 
 def test_examples_truncated_before_their_response_are_dropped_and_counted(tokenizer) -> None:
-    config = DatasetConfig(uri="s3://d/x.jsonl", format="instruction")
+    config = Dataset(uri="s3://data/x.jsonl", format="instruction")
     examples = tokenize_records(
         records({"prompt": "where is the cat? " * 20, "response": "on the mat."}, {"prompt": "p", "response": "r"}),
         tokenizer, config,
@@ -180,8 +180,8 @@ def test_nothing_left_after_filtering_is_an_error_that_says_what_to_change(overl
     # Under truncate, a long prompt leaves no response token; under drop the example goes.
     examples = [Example([1] * 40, [IGNORE_INDEX] * 39 + [1]) for _ in range(3)]
     with pytest.raises(TrainerError) as error:
-        fit_to_length(examples, 32, overlong, "instruction", source="s3://d/x.jsonl")
-    assert str(error.value).startswith("s3://d/x.jsonl: no example left to train on: of 3, 3 are longer than "
+        fit_to_length(examples, 32, overlong, "instruction", source="s3://data/x.jsonl")
+    assert str(error.value).startswith("s3://data/x.jsonl: no example left to train on: of 3, 3 are longer than "
                                        f"training.sequenceLength (32, dataset.overlong: {overlong})")
     assert str(error.value).endswith("raise training.sequenceLength" + (f" {fix}" if fix else ""))
 
@@ -206,33 +206,28 @@ def test_validation_split_is_seeded_and_disjoint() -> None:
 def test_validation_uri_is_a_separate_file_evaluated_whole(tmp_path: Path, tokenizer) -> None:
     train = write_lines(tmp_path / "train", [json.dumps({"text": f"the cat number {i}."}) for i in range(20)])
     held_out = write_lines(tmp_path / "validation", ['{"text": "the dog."}', '{"text": "the owl."}'])
-    config = DatasetConfig(uri="s3://d/train.jsonl", validation_uri="s3://d/val.jsonl")
+    config = Dataset(uri="s3://data/train.jsonl", validation_uri="s3://data/val.jsonl")
     datasets = prepare_datasets(train, held_out, tokenizer, config, 64, seed=0)
     assert len(datasets.train) == 20
     assert [tokenizer.decode(e.input_ids[1:-1]) for e in datasets.validation] == ["the dog.", "the owl."]
     bad = write_lines(tmp_path / "bad", ['{"text": "ok"}', "{oops"])
-    with pytest.raises(TrainerError, match="s3://d/val.jsonl line 2: not valid JSON"):
+    with pytest.raises(TrainerError, match="s3://data/val.jsonl line 2: not valid JSON"):
         prepare_datasets(train, bad, tokenizer, config, 64, seed=0)
-
-
-def test_validation_split_and_uri_exclude_each_other() -> None:
-    with pytest.raises(ValueError, match="set validationSplit or validationUri, not both"):
-        DatasetConfig(uri="s3://d/train.jsonl", validation_uri="s3://d/val.jsonl", validation_split=0.1)
 
 
 def test_prepare_datasets_reports_overlong_examples_for_rank_0_to_log(tmp_path: Path, tokenizer) -> None:
     lines = [json.dumps({"text": "the cat " * (40 if i % 5 == 0 else 1)}) for i in range(500)]
     path = write_lines(tmp_path / "train", lines)
-    config = DatasetConfig(uri="s3://d/train.jsonl", overlong="drop", validation_split=0.1)
+    config = Dataset(uri="s3://data/train.jsonl", overlong="drop", validation_split=0.1)
     datasets = prepare_datasets(path, None, tokenizer, config, 32, seed=0)
-    assert datasets.notes == [("s3://d/train.jsonl: dropped 100 of 500 examples longer than 32 tokens "
+    assert datasets.notes == [("s3://data/train.jsonl: dropped 100 of 500 examples longer than 32 tokens "
                                "(dataset.overlong: drop)")]
     assert len(datasets.train) + len(datasets.validation) == 400 and len(datasets.validation) == 40
 
 
 def test_demo_datasets_parse_in_their_formats(tiny_assets: Path, tokenizer) -> None:
     for name, fmt in [("train", "text"), ("chat", "chat"), ("instruction", "instruction")]:
-        config = DatasetConfig(uri="s3://d/x.jsonl", format=fmt)
+        config = Dataset(uri="s3://data/x.jsonl", format=fmt)
         datasets = prepare_datasets(tiny_assets / "datasets" / f"{name}.jsonl", None, tokenizer, config, 512, seed=0)
         assert len(datasets.train) >= 200 and datasets.notes == []
         assert all(e.trained_tokens for e in datasets.train)

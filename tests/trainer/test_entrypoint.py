@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.trainer.config import parse_config
+from kubetune.api.trainer_config import parse_config
 from kubetune.trainer.errors import TrainerError
 
 BASE = {
@@ -30,8 +30,8 @@ def config_with(**sections: dict):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ({**BASE, "training": {"learningrate": 0.1}}, "training.learningrate: unknown key"),
-        ({**BASE, "schemaVersion": 2}, "schemaVersion 2 is not supported"),
+        ({**BASE, "training": {"learningrate": 0.1}}, "training.learningrate: unknown field"),
+        ({**BASE, "schemaVersion": 2}, "schemaVersion 2 is not the one this trainer reads"),
         (None, "cannot read trainer config"),
     ],
 )

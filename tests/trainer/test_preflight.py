@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.trainer.config import parse_config
+from kubetune.api.trainer_config import parse_config
 from kubetune.trainer.preflight import run_preflight
 
 CHECK_ORDER = ["credentials", "model", "dataset", "chat template", "validation", "adapterUri", "checkpointUri"]

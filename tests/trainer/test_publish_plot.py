@@ -12,7 +12,8 @@ import numpy as np
 from matplotlib import colors
 from matplotlib import image as mpimg
 
-from kubetune.trainer.config import StorageConfig, parse_config
+from kubetune.api.spec import Storage
+from kubetune.api.trainer_config import parse_config
 from kubetune.trainer.plot import render_loss_curve
 from kubetune.trainer.publish import publish_adapter
 from kubetune.trainer.s3 import make_client
@@ -42,7 +43,7 @@ def test_the_published_adapter_includes_a_readable_loss_curve(moto_endpoint: str
         "model": {"uri": "s3://models/tiny-llama/"}, "dataset": {"uri": "s3://datasets/q/train.jsonl"},
         "output": {"adapterUri": "s3://plots/sums/"},
     })
-    publish_adapter(make_client(StorageConfig(endpoint=moto_endpoint)), adapter, config, RESULTS)
+    publish_adapter(make_client(Storage(endpoint=moto_endpoint)), adapter, config, RESULTS)
 
     body = s3_client.get_object(Bucket="plots", Key="sums/loss.png")["Body"].read()
     manifest = json.loads(s3_client.get_object(Bucket="plots", Key="sums/manifest.json")["Body"].read())

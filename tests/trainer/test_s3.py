@@ -9,7 +9,8 @@ from typing import ClassVar
 
 import pytest
 
-from kubetune.trainer.config import StorageConfig, parse_config
+from kubetune.api.spec import Storage
+from kubetune.api.trainer_config import parse_config
 from kubetune.trainer.errors import TrainerError
 from kubetune.trainer.publish import publish_adapter
 from kubetune.trainer.s3 import download_file, download_prefix, make_client, parse_s3_uri, upload_file
@@ -17,14 +18,14 @@ from kubetune.trainer.s3 import download_file, download_prefix, make_client, par
 
 @pytest.fixture
 def bucket(s3_client, request: pytest.FixtureRequest) -> str:
-    name = "t-" + request.node.name.replace("_", "-").lower()[:50]
+    name = ("t-" + request.node.name.replace("_", "-").lower()[:50]).rstrip("-")  # a valid bucket name
     s3_client.create_bucket(Bucket=name)
     return name
 
 
 @pytest.fixture
 def client(moto_endpoint: str, s3_client):
-    return make_client(StorageConfig(endpoint=moto_endpoint))
+    return make_client(Storage(endpoint=moto_endpoint))
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_missing_bucket_and_key_errors_name_uri_and_bucket(client, bucket: str, 
 
 
 def test_unreachable_endpoint_points_at_storage_endpoint(s3_client, tmp_path: Path, unused_port) -> None:
-    dead = make_client(StorageConfig(endpoint=f"http://127.0.0.1:{unused_port()}"))
+    dead = make_client(Storage(endpoint=f"http://127.0.0.1:{unused_port()}"))
     with pytest.raises(TrainerError, match="cannot reach the S3 endpoint.*storage.endpoint"):
         download_file(dead, "s3://models/x", tmp_path / "x")
 

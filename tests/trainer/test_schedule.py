@@ -7,10 +7,10 @@ import itertools
 import math
 
 import pytest
-from kubetune.trainer.config import parse_config
-from kubetune.trainer.errors import TrainerError
+from kubetune.api.trainer_config import parse_config
+from kubetune.api.model import InvalidObjectError
 from kubetune.trainer.metrics import TrainMetrics, progress_bar
-from kubetune.trainer.schedule import OWNED_KEYS, deep_merge, lr_lambda, warmup_steps
+from kubetune.trainer.schedule import deep_merge, lr_lambda, warmup_steps
 from kubetune.trainer.train import deepspeed_config
 from prometheus_client import generate_latest
 
@@ -77,14 +77,13 @@ def test_deepspeed_config_override_lands_in_the_engine_config() -> None:
                                             ("gradient_clipping", "training.gradientClipping"),
                                             ("scheduler", "training.warmupSteps")])
 def test_override_of_a_key_kubetune_owns_is_refused_with_the_field_to_use(key: str, field: str) -> None:
-    with pytest.raises(TrainerError) as error:
+    with pytest.raises(InvalidObjectError) as error:
         parse_config(_config(deepspeed={"config": {key: 1, "zero_optimization": {"stage": 2}}}))
-    assert f"deepspeed.config.{key} is set by kubetune: use {field}" in str(error.value)
-    assert key in OWNED_KEYS
+    assert f"deepspeed.config.{key} is set by kubetune: use spec.{field}" in str(error.value)
 
 
 def test_min_learning_rate_above_the_peak_is_refused() -> None:
-    with pytest.raises(TrainerError, match=r"training: .*minLearningRate \(0.01\) must not exceed learningRate"):
+    with pytest.raises(InvalidObjectError, match=r"spec.training.minLearningRate must not exceed spec.training.learningRate"):
         parse_config(_config(training={"learningRate": 0.001, "minLearningRate": 0.01}))
 
 

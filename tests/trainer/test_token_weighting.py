@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.trainer.config import parse_config
+from kubetune.api.trainer_config import parse_config
 from kubetune.trainer.data import IGNORE_INDEX, Example, collate
 from kubetune.trainer.train import StepPlan, Topology, _train_loop, deepspeed_config
 
@@ -62,7 +62,7 @@ def test_one_step_descends_the_token_mean_of_the_global_batch(process_group, tin
 
     config = parse_config({
         "schemaVersion": 1,
-        "model": {"uri": "s3://m/x/"}, "dataset": {"uri": "s3://d/x.jsonl"}, "output": {"adapterUri": "s3://a/x/"},
+        "model": {"uri": "s3://models/x/"}, "dataset": {"uri": "s3://data/x.jsonl"}, "output": {"adapterUri": "s3://adapters/x/"},
         "training": {"microBatchSize": 2, "globalBatchSize": 4, "learningRate": LEARNING_RATE, "gradientClipping": 0,
                      "sequenceLength": 64, "logEverySteps": 1, "seed": 5},
         "deepspeed": {"zeroStage": 2},

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubetune.api import FINAL_PHASES, InvalidObjectError, JobRef, check_job_name, parse_spec
 from kubetune.operator.kube import GROUP, PLURAL, VERSION, Kube, NoCredentialsError, bearer_token, load_credentials
 from kubetune.operator.manifests import (
     JOB_NAME_LABEL,
@@ -32,9 +33,7 @@ from kubetune.operator.manifests import (
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.progress import MetricsParseError, derive_progress, metrics_url
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.spec import InvalidSpecError, check_job_name, parse_spec
-from kubetune.operator.status import FINAL_PHASES, derive_status, failed_status, initial_status, observe_pod
-from kubetune.operator.trainer_config import JobRef
+from kubetune.operator.status import derive_status, failed_status, initial_status, observe_pod
 
 # Pod events of one job arrive in parallel threads; one lock per job keeps each
 # read-derive-patch cycle (and the transition events it posts) from interleaving.
@@ -141,17 +140,16 @@ def finetunejob_resume(
 
 
 def _start_job(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, logger: kopf.Logger) -> None:
-    job = JobRef(
-        name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=int(meta.get("generation") or 1)
-    )
+    job = JobRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    generation = int(meta.get("generation") or 1)
     with _job_locks[(job.namespace, job.name)]:
         try:
             check_job_name(job.name)
             typed = parse_spec(dict(spec))
-        except InvalidSpecError as error:
+        except InvalidObjectError as error:
             previous = dict(body.get("status") or {})
             _kube().patch_job_status(
-                job.namespace, job.name, failed_status(previous, job.generation, "InvalidSpec", str(error), _now())
+                job.namespace, job.name, failed_status(previous, generation, "InvalidSpec", str(error), _now())
             )
             kopf.warn(body, reason="InvalidSpec", message=str(error))
             raise kopf.PermanentError(str(error)) from None
@@ -162,7 +160,7 @@ def _start_job(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, logger: kopf.L
         created = [child["metadata"]["name"] for child in created]
         logger.info("created %s", ", ".join(created) or "nothing (all children exist)")
         if not (body.get("status") or {}).get("phase"):
-            _kube().patch_job_status(job.namespace, job.name, initial_status(job.generation, _now()))
+            _kube().patch_job_status(job.namespace, job.name, initial_status(generation, _now()))
             kopf.info(
                 body, reason="Created", message=f"created config map, service and {typed.workers.replicas} worker pods"
             )

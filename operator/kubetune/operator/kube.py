@@ -11,10 +11,7 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubetune.operator.manifests import API_VERSION
-
-GROUP, VERSION = API_VERSION.split("/")
-PLURAL = "finetunejobs"
+from kubetune.api.resource import GROUP, PLURAL, VERSION
 
 
 class NoCredentialsError(RuntimeError):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from kubetune.operator.settings import CRD_DEFAULT_TRAINER_IMAGE, OperatorSettings
-from kubetune.operator.spec import FineTuneJobSpec
-from kubetune.operator.trainer_config import CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, JobRef, render_trainer_config
+from kubetune.api import metrics
+from kubetune.api.resource import API_VERSION, KIND
+from kubetune.api.spec import DEFAULT_TRAINER_IMAGE, FineTuneJobSpec
+from kubetune.api.trainer_config import CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, JobRef, TrainerConfig
+from kubetune.operator.settings import OperatorSettings
 
-API_VERSION = "kubetune.dev/v1alpha1"
-KIND = "FineTuneJob"
 RENDEZVOUS_PORT = 29500
 JOB_NAME_LABEL = "kubetune.dev/job-name"
 REPLICA_INDEX_LABEL = "kubetune.dev/replica-index"
@@ -71,12 +71,19 @@ def _metadata(job: JobRef, name: str, component: str, **extra_labels: str) -> di
     }
 
 
+def trainer_config(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> TrainerConfig:
+    """The job as its trainers see it: every default resolved, the platform's S3 endpoint for a
+    job that names none."""
+    return TrainerConfig.for_job(job, spec, s3_endpoint=settings.s3_endpoint,
+                                 metrics_port=settings.trainer_metrics_port)
+
+
 def build_config_map(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job.name), "trainer-config"),
-        "data": {CONFIG_KEY: render_trainer_config(job, spec, settings)},
+        "data": {CONFIG_KEY: trainer_config(job, spec, settings).render()},
     }
 
 
@@ -113,7 +120,7 @@ def trainer_command(job_name: str, spec: FineTuneJobSpec, index: int) -> list[st
 
 def trainer_image(spec: FineTuneJobSpec, settings: OperatorSettings) -> str:
     """The job's own image, unless it kept the CRD default: then the platform's image."""
-    if spec.workers.image == CRD_DEFAULT_TRAINER_IMAGE:
+    if spec.workers.image == DEFAULT_TRAINER_IMAGE:
         return settings.trainer_image
     return spec.workers.image
 
@@ -177,7 +184,7 @@ def build_worker_pod(job: JobRef, spec: FineTuneJobSpec, index: int, settings: O
         "env": _env(spec),
         "ports": [
             {"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"},
+            {"name": metrics.METRICS_PORT_NAME, "containerPort": settings.trainer_metrics_port, "protocol": "TCP"},
         ],
         # The trainer writes its outcome (final loss, or the one-line error) to the default
         # /dev/termination-log; a crash that wrote nothing still explains itself by its log tail.

@@ -1,6 +1,6 @@
 """Pure progress derivation: rank 0's /metrics text (+ the stored progress, + now) -> ``status.progress``.
 
-The trainer's gauges (trainer/kubetune/trainer/metrics.py) give step, total steps, epoch, loss
+The trainer's gauges (named in kubetune.api.metrics) give step, total steps, epoch, loss
 and throughput. The ETA comes from the step rate between the last two step changes the
 operator saw: the gauges move only every ``logEverySteps``, so between changes the stored
 progress (and its ETA) is kept as is, which also spares the API a patch per scrape.
@@ -11,14 +11,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from kubetune.api import metrics
 from prometheus_client.parser import text_string_to_metric_families
 
 METRIC_FIELDS = {
-    "kubetune_train_step": "step",
-    "kubetune_train_total_steps": "totalSteps",
-    "kubetune_train_epoch": "epoch",
-    "kubetune_train_loss": "loss",
-    "kubetune_train_tokens_per_second": "tokensPerSecond",
+    metrics.STEP: "step",
+    metrics.TOTAL_STEPS: "totalSteps",
+    metrics.EPOCH: "epoch",
+    metrics.LOSS: "loss",
+    metrics.TOKENS_PER_SECOND: "tokensPerSecond",
 }
 
 
@@ -117,7 +118,7 @@ def metrics_url(pod: dict[str, Any]) -> str | None:
     ip = (pod.get("status") or {}).get("podIP")
     for container in (pod.get("spec") or {}).get("containers") or []:
         for port in container.get("ports") or []:
-            if port.get("name") == "metrics" and port.get("containerPort") and ip:
+            if port.get("name") == metrics.METRICS_PORT_NAME and port.get("containerPort") and ip:
                 host = f"[{ip}]" if ":" in ip else ip
                 return f"http://{host}:{port['containerPort']}/metrics"
     return None

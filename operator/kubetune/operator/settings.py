@@ -22,8 +22,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# The CRD's default for spec.workers.image; a job that keeps it gets the platform's image.
-CRD_DEFAULT_TRAINER_IMAGE = "kubetune/trainer:0.1.0"
+from kubetune.api.spec import DEFAULT_TRAINER_IMAGE  # a job that keeps it gets the platform's image
 
 
 class SettingsError(ValueError):
@@ -33,7 +32,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class OperatorSettings:
     s3_endpoint: str | None = None
-    trainer_image: str = CRD_DEFAULT_TRAINER_IMAGE
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
     namespace: str | None = None
     trainer_metrics_port: int = 9400
     liveness_port: int | None = None
@@ -44,7 +43,7 @@ class OperatorSettings:
         env = os.environ if environ is None else environ
         return cls(
             s3_endpoint=_text(env, "KUBETUNE_S3_ENDPOINT"),
-            trainer_image=_text(env, "KUBETUNE_TRAINER_IMAGE") or CRD_DEFAULT_TRAINER_IMAGE,
+            trainer_image=_text(env, "KUBETUNE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
             namespace=_text(env, "KUBETUNE_NAMESPACE"),
             trainer_metrics_port=_port(env, "KUBETUNE_TRAINER_METRICS_PORT") or 9400,
             liveness_port=_port(env, "KUBETUNE_LIVENESS_PORT"),

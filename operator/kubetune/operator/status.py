@@ -9,18 +9,14 @@ so a re-derived status with nothing new equals the stored one (no needless patch
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
+from kubetune.api.status import CONDITION_TYPES, FINAL_PHASES, Phase, Results
+from kubetune.api.termination import TerminationMessage
 from kubetune.operator.manifests import CONTAINER_NAME, REPLICA_INDEX_LABEL, pod_name
 from kubetune.operator.progress import finished_progress
-
-Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
-FINAL_PHASES = ("Succeeded", "Failed")
-RESULT_KEYS = ("finalLoss", "evalLoss", "steps", "tokens")
-CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -33,19 +29,7 @@ class PodObservation:
     exit_code: int | None = None
     reason: str | None = None
     message: str | None = None
-    outcome: dict[str, Any] | None = None  # the trainer's JSON termination message, if it left one
-
-
-def parse_termination_message(message: str | None) -> dict[str, Any] | None:
-    """The trainer's outcome (``{"outcome": ..., ...}``); None for any other text, such as
-    the log tail the kubelet reports for a crash that wrote nothing."""
-    if not message or not message.lstrip().startswith("{"):
-        return None
-    try:
-        outcome = json.loads(message)
-    except ValueError:
-        return None
-    return outcome if isinstance(outcome, dict) and outcome.get("outcome") in ("Succeeded", "Failed") else None
+    outcome: TerminationMessage | None = None  # the trainer's termination message, if it left one
 
 
 def observe_pod(pod: dict[str, Any]) -> PodObservation:
@@ -68,7 +52,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObservation:
         exit_code=exit_code,
         reason=reason or status.get("reason"),
         message=message or status.get("message"),
-        outcome=parse_termination_message(message),
+        outcome=TerminationMessage.parse(message),
     )
 
 
@@ -143,13 +127,14 @@ def derive_status(
     elif not missing and counts["succeeded"] == replicas:
         phase, message, adapter = "Succeeded", f"adapter published to {adapter_uri}", adapter_uri
         outcome = by_index[0].outcome if 0 in by_index else None
-        if outcome and outcome.get("outcome") == "Succeeded":
-            results = {key: outcome[key] for key in RESULT_KEYS if outcome.get(key) is not None}
-            if outcome.get("totalSteps"):
-                progress = finished_progress(previous.get("progress"), int(outcome["totalSteps"]),
-                                             outcome.get("finalLoss"))
-            if outcome.get("finalLoss") is not None:
-                message += f" (final loss {outcome['finalLoss']:.4f})"
+        if outcome and outcome.outcome == "Succeeded":
+            reported = Results(final_loss=outcome.final_loss, eval_loss=outcome.eval_loss, steps=outcome.steps,
+                               tokens=outcome.tokens)
+            results = reported.model_dump(by_alias=True, exclude_none=True)
+            if outcome.total_steps:
+                progress = finished_progress(previous.get("progress"), outcome.total_steps, outcome.final_loss)
+            if outcome.final_loss is not None:
+                message += f" (final loss {outcome.final_loss:.4f})"
     elif not missing and all(pod.phase in ("Running", "Succeeded") for pod in by_index.values()):
         phase, message = "Running", f"all {replicas} workers running"
     else:
@@ -173,9 +158,9 @@ def derive_status(
 def _trainer_error(failed: list[PodObservation]) -> str | None:
     """The trainer's own error, from worker-0 if it has one, naming the pod it came from."""
     for pod in failed:  # sorted by replica index: worker-0 first
-        if pod.outcome and pod.outcome.get("outcome") == "Failed" and pod.outcome.get("error"):
+        if pod.outcome and pod.outcome.outcome == "Failed" and pod.outcome.error:
             code = f" with exit code {pod.exit_code}" if pod.exit_code is not None else ""
-            return f"{pod.outcome['error']} (worker pod {pod.name} failed{code})"
+            return f"{pod.outcome.error} (worker pod {pod.name} failed{code})"
     return None
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kubetune.api.model import InvalidObjectError
+from kubetune.api.trainer_config import load_config
 from kubetune.trainer import termination
-from kubetune.trainer.config import load_config
 from kubetune.trainer.errors import TrainerError
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from kubetune.trainer.train import run
 
         results = run(config)
-    except TrainerError as exc:
+    except (TrainerError, InvalidObjectError) as exc:
         print(f"kubetune-trainer: error: {exc}", file=sys.stderr, flush=True)
         termination.write(termination.failure_message(str(exc)))
         return 1
@@ -53,7 +54,7 @@ def _preflight(config_path: str) -> int:
 
     try:
         config = load_config(config_path)
-    except TrainerError as exc:
+    except InvalidObjectError as exc:
         results = [CheckResult("config", False, str(exc))]
         print(results[0].line(), flush=True)
     else:

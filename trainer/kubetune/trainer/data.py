@@ -28,7 +28,7 @@ from kubetune.trainer.errors import TrainerError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from kubetune.trainer.config import DatasetConfig
+    from kubetune.api.spec import Dataset
 
 IGNORE_INDEX = -100
 """Label value that torch's cross-entropy (and HF models) skip."""
@@ -64,7 +64,7 @@ def prepare_datasets(
     train_path: Path,
     validation_path: Path | None,
     tokenizer: PreTrainedTokenizerBase,
-    dataset: DatasetConfig,
+    dataset: Dataset,
     sequence_length: int,
     seed: int,
 ) -> Datasets:
@@ -81,7 +81,7 @@ def prepare_datasets(
 
 
 def _load(
-    path: Path, source: str, tokenizer: PreTrainedTokenizerBase, dataset: DatasetConfig, sequence_length: int,
+    path: Path, source: str, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, sequence_length: int,
     notes: list[str],
 ) -> list[Example]:
     records, unit = read_records(path, dataset, source=source)
@@ -91,7 +91,7 @@ def _load(
     return fitted
 
 
-def read_records(path: Path, dataset: DatasetConfig, *, source: str) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+def read_records(path: Path, dataset: Dataset, *, source: str) -> tuple[list[tuple[int, dict[str, Any]]], str]:
     """``([(number, record)], "line" | "row")`` from a JSONL or Parquet file."""
     with path.open("rb") as fh:
         magic = fh.read(len(PARQUET_MAGIC))
@@ -150,7 +150,7 @@ def read_parquet(path: Path, columns: dict[str, str], *, source: str) -> list[tu
     return list(enumerate(rows, start=1))
 
 
-def _columns(dataset: DatasetConfig) -> dict[str, str]:
+def _columns(dataset: Dataset) -> dict[str, str]:
     if dataset.format == "text":
         return {dataset.text_field: "dataset.textField"}
     if dataset.format == "instruction":
@@ -161,7 +161,7 @@ def _columns(dataset: DatasetConfig) -> dict[str, str]:
 def tokenize_records(
     records: list[tuple[int, dict[str, Any]]],
     tokenizer: PreTrainedTokenizerBase,
-    dataset: DatasetConfig,
+    dataset: Dataset,
     *,
     source: str = "dataset",
     unit: str = "line",

@@ -8,6 +8,7 @@ together.
 
 from __future__ import annotations
 
+from kubetune.api import metrics as names
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 # Checkpoint uploads take from well under a second (LoRA state of a small model) to minutes.
@@ -20,51 +21,51 @@ class TrainMetrics:
     def __init__(self, *, gpu: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.step = Gauge("kubetune_train_step", "Optimizer steps completed.", registry=r)
-        self.total_steps = Gauge("kubetune_train_total_steps", "Optimizer steps this run will take.", registry=r)
+        self.step = Gauge(names.STEP, "Optimizer steps completed.", registry=r)
+        self.total_steps = Gauge(names.TOTAL_STEPS, "Optimizer steps this run will take.", registry=r)
         self.loss = Gauge(
-            "kubetune_train_loss", "Training loss of the last logged step (mean over ranks).", registry=r
+            names.LOSS, "Training loss of the last logged step (mean over ranks).", registry=r
         )
         self.eval_loss = Gauge(
-            "kubetune_train_eval_loss",
+            names.EVAL_LOSS,
             "Validation loss of the latest evaluation (before training, each epoch end, the end); "
             "0 without validation data.",
             registry=r,
         )
         self.learning_rate = Gauge(
-            "kubetune_train_learning_rate", "Learning rate used by the last logged optimizer step.", registry=r
+            names.LEARNING_RATE, "Learning rate used by the last logged optimizer step.", registry=r
         )
         self.grad_norm = Gauge(
-            "kubetune_train_grad_norm",
+            names.GRAD_NORM,
             "Global gradient norm of the last logged optimizer step, before clipping.",
             registry=r,
         )
         # The operator reads this one into status.progress.tokensPerSecond: it stays non-padding.
         self.tokens_per_second = Gauge(
-            "kubetune_train_tokens_per_second",
+            names.TOKENS_PER_SECOND,
             "Effective tokens per second: real (non-padding) tokens, all ranks together.",
             registry=r,
         )
         self.padded_tokens_per_second = Gauge(
-            "kubetune_train_padded_tokens_per_second",
+            names.PADDED_TOKENS_PER_SECOND,
             "Token positions computed per second, padding included; the gap to "
             "kubetune_train_tokens_per_second is compute spent on padding.",
             registry=r,
         )
         self.samples_per_second = Gauge(
-            "kubetune_train_samples_per_second", "Training examples per second, all ranks together.", registry=r
+            names.SAMPLES_PER_SECOND, "Training examples per second, all ranks together.", registry=r
         )
         self.epoch = Gauge(
-            "kubetune_train_epoch", "Fractional epoch (e.g. 1.5 = half way through the second).", registry=r
+            names.EPOCH, "Fractional epoch (e.g. 1.5 = half way through the second).", registry=r
         )
         self.checkpoint_upload_seconds = Histogram(
-            "kubetune_train_checkpoint_upload_seconds",
+            names.CHECKPOINT_UPLOAD_SECONDS,
             "Seconds rank 0 took to upload its part of each checkpoint (in the background).",
             buckets=UPLOAD_BUCKETS, registry=r,
         )
         # Only with a GPU: a CPU run showing 0 bytes would read as a measurement.
         self.gpu_memory_bytes = Gauge(
-            "kubetune_train_gpu_max_memory_allocated_bytes",
+            names.GPU_MAX_MEMORY_ALLOCATED_BYTES,
             "Peak GPU memory allocated by rank 0's process so far (torch.cuda.max_memory_allocated).",
             registry=r,
         ) if gpu else None

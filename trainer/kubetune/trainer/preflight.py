@@ -35,7 +35,7 @@ from kubetune.trainer.s3 import delete_object, download_file, join_uri, list_key
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from kubetune.trainer.config import TrainerConfig
+    from kubetune.api.trainer_config import TrainerConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 """Model files preflight never downloads: they are the bulk of the folder and need no parse."""

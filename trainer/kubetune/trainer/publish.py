@@ -33,7 +33,7 @@ from kubetune.trainer.s3 import copy_object, delete_object, delete_prefix, head,
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from kubetune.trainer.config import TrainerConfig
+    from kubetune.api.trainer_config import TrainerConfig
 
 log = logging.getLogger("kubetune.trainer")
 

@@ -19,7 +19,7 @@ from kubetune.trainer.errors import TrainerError
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client  # only for editors; not a runtime dependency
 
-    from kubetune.trainer.config import StorageConfig
+    from kubetune.api.spec import Storage
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -35,7 +35,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def make_client(storage: StorageConfig, *, access_key: str | None = None,
+def make_client(storage: Storage, *, access_key: str | None = None,
                 secret_key: str | None = None) -> S3Client:
     """A boto3 S3 client for ``storage``: path-style addressing (works with MinIO, moto and
     in-cluster Services whose names are not DNS wildcards) and boto's standard retry mode.

@@ -38,25 +38,6 @@ def lr_lambda(warmup_request: int | None, total_steps: int, peak: float, minimum
     return lambda step: lr_factor(step, warmup=warmup, total_steps=total_steps, min_ratio=ratio)
 
 
-OWNED_KEYS = {
-    "train_batch_size": "training.globalBatchSize",
-    "train_micro_batch_size_per_gpu": "training.microBatchSize",
-    "gradient_accumulation_steps": "training.globalBatchSize (accumulation is derived from it)",
-    "gradient_clipping": "training.gradientClipping",
-    "optimizer": "training.learningRate (kubetune brings AdamW over the LoRA parameters)",
-    "scheduler": "training.warmupSteps and training.minLearningRate",
-}
-"""Top-level DeepSpeed keys kubetune derives itself, with the field to set instead."""
-
-
-def owned_key_problems(override: dict[str, Any]) -> list[str]:
-    """One message per key of ``deepspeed.config`` that kubetune sets itself."""
-    return [
-        f"deepspeed.config.{key} is set by kubetune: use {field} instead"
-        for key, field in OWNED_KEYS.items() if key in override
-    ]
-
-
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """``override`` over ``base``: nested objects merge key by key, anything else replaces."""
     merged = copy.deepcopy(base)

@@ -1,47 +1,35 @@
-"""The container's termination message: a short JSON outcome the kubelet puts into the pod's
-``status.containerStatuses[].state.terminated.message``, where the operator reads it.
+"""Writing the container's termination message (its schema: kubetune.api.termination), which the
+kubelet puts into the pod's ``status.containerStatuses[].state.terminated.message``, where the
+operator reads it.
 
-Success (rank 0): ``{"outcome": "Succeeded", "steps", "totalSteps", "finalLoss", "evalLoss",
-"tokens", "adapterUri"}``. A problem a user can fix (any rank): ``{"outcome": "Failed",
-"error": "<the one-line error>"}``. Kubernetes keeps at most 4096 bytes, so an overlong error is
-cut rather than the JSON left unparsable. Written to ``$KUBETUNE_TERMINATION_LOG`` (the local
-kubelet points it at a per-pod file when it cannot bind-mount one), else the pod's default
-``/dev/termination-log``, written only inside a pod (every kubelet sets KUBERNETES_SERVICE_HOST)
-and only if it exists (the kubelet creates it before the container starts): outside a pod (tests,
-a laptop, as root) the trainer must not write into the host's /dev, where the local cluster's
-node agent may have created the file as a mount point for its pods.
+Written to ``$KUBETUNE_TERMINATION_LOG`` (the local node points it at a per-pod file when it
+cannot bind-mount one), else the pod's default ``/dev/termination-log``, written only inside a
+pod (every kubelet sets KUBERNETES_SERVICE_HOST) and only if it exists (the kubelet creates it
+before the container starts): outside a pod (tests, a laptop, as root) the trainer must not
+write into the host's /dev, where the local cluster's node agent may have created the file as a
+mount point for its pods.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-DEFAULT_PATH = "/dev/termination-log"
+from kubetune.api.termination import DEFAULT_PATH, MAX_BYTES, TerminationMessage
+
 PATH_ENV = "KUBETUNE_TERMINATION_LOG"
-MAX_BYTES = 4096
-_SUMMARY_KEYS = ("steps", "totalSteps", "finalLoss", "evalLoss", "tokens")
+SUMMARY_KEYS = ("steps", "totalSteps", "finalLoss", "evalLoss", "tokens")
+__all__ = ["DEFAULT_PATH", "MAX_BYTES", "PATH_ENV", "failure_message", "success_message", "write"]
 
 
 def success_message(results: dict[str, Any], adapter_uri: str) -> str:
-    summary = {"outcome": "Succeeded", **{key: results.get(key) for key in _SUMMARY_KEYS}, "adapterUri": adapter_uri}
-    return json.dumps(summary, separators=(",", ":"), ensure_ascii=False)
+    """Rank 0's summary of a published adapter (``results`` as in the adapter's manifest)."""
+    summary = {key: results.get(key) for key in SUMMARY_KEYS}
+    return TerminationMessage.model_validate({"outcome": "Succeeded", "adapterUri": adapter_uri, **summary}).render()
 
 
 def failure_message(error: str) -> str:
-    line = " ".join(str(error).split())  # one line, whatever the exception held
-    text = _failed(line)
-    excess = len(text.encode()) - MAX_BYTES
-    if excess > 0:
-        # Cut whole UTF-8 characters off the end: a half character would not decode.
-        kept = line.encode()[: -(excess + 3)].decode("utf-8", errors="ignore")
-        text = _failed(kept + "...")
-    return text
-
-
-def _failed(line: str) -> str:
-    return json.dumps({"outcome": "Failed", "error": line}, separators=(",", ":"), ensure_ascii=False)
+    return TerminationMessage.failed(error).render()
 
 
 def write(message: str, path: str | None = None) -> bool:

@@ -146,10 +146,10 @@ def upload_demo_assets(
 
     Builds the assets in a temporary folder unless ``assets_dir`` already holds them.
     """
-    from kubetune.trainer.config import StorageConfig
+    from kubetune.api.spec import Storage
     from kubetune.trainer.s3 import make_client
 
-    client = make_client(StorageConfig(endpoint=endpoint, region=region),
+    client = make_client(Storage(endpoint=endpoint, region=region),
                          access_key=access_key, secret_key=secret_key)
     existing = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
     for bucket in BUCKETS:

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.config import TrainerConfig, load_config
+from kubetune.api.trainer_config import TrainerConfig, load_config
 from kubetune.trainer.errors import TrainerError
 from kubetune.trainer.metrics import progress_bar
 

@@ -1,0 +1,64 @@
+"""The contracts between trainer and operator, exercised end to end without a cluster: what the
+real trainer code writes (its Prometheus series, its termination messages) is what the real
+operator code reads (progress, results, failures). Renaming a metric or a message key on one
+side fails here, not in a user's `kubectl get ftj`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prometheus_client import generate_latest
+
+from kubetune.operator.progress import derive_progress
+from kubetune.operator.status import derive_status, observe_pod
+from kubetune.trainer import termination
+from kubetune.trainer.metrics import TrainMetrics
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def test_the_trainers_metrics_become_the_jobs_progress() -> None:
+    metrics = TrainMetrics()
+    metrics.total_steps.set(30)
+    metrics.step.set(12)
+    metrics.loss.set(1.23456)
+    metrics.epoch.set(0.4)
+    metrics.tokens_per_second.set(2048.5)
+
+    progress = derive_progress(generate_latest(metrics.registry).decode(), None, NOW)
+
+    assert progress is not None
+    assert (progress["display"], progress["loss"], progress["epoch"], progress["tokensPerSecond"]) == (
+        "12/30", 1.2346, 0.4, 2048.5)
+
+
+def _worker(index: int, phase: str, exit_code: int, message: str | None) -> dict:
+    terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "message": message}
+    return {"metadata": {"name": f"job-worker-{index}", "labels": {"kubetune.dev/replica-index": str(index)}},
+            "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}}
+
+
+def _status(*pods: dict) -> dict:
+    return derive_status(replicas=len(pods), adapter_uri="s3://adapters/job/", generation=1,
+                         pods=[observe_pod(p) for p in pods], previous={"phase": "Running"}, now=NOW, job_name="job")
+
+
+def test_the_trainers_success_message_becomes_the_jobs_results() -> None:
+    results = {"steps": 30, "totalSteps": 30, "finalLoss": 1.0543, "evalLoss": 1.5, "tokens": 7680, "worldSize": 2}
+    message = termination.success_message(results, "s3://adapters/job/")
+
+    status = _status(_worker(0, "Succeeded", 0, message), _worker(1, "Succeeded", 0, None))
+
+    assert status["phase"] == "Succeeded"
+    assert status["results"] == {"finalLoss": 1.0543, "evalLoss": 1.5, "steps": 30, "tokens": 7680}
+    assert status["progress"]["display"] == "30/30"
+
+
+def test_the_trainers_failure_message_becomes_the_jobs_message() -> None:
+    message = termination.failure_message("s3://datasets/t.jsonl line 2:\nnot valid JSON")
+
+    status = _status(_worker(0, "Failed", 1, message), _worker(1, "Failed", 1, None))
+
+    assert status["phase"] == "Failed"
+    assert status["message"] == "s3://datasets/t.jsonl line 2: not valid JSON (worker pod job-worker-0 failed with exit code 1)"
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "TrainerError"
