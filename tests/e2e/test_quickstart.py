@@ -212,3 +212,42 @@ def test_deleting_a_running_job_stops_its_processes(stack):
         time.sleep(0.5)
     assert _pids_of_job("long-run") == []
     assert kubectl.run("get", "pods", "-l", "kubetune.dev/job-name=long-run", "-o", "name").stdout.strip() == ""
+
+
+def test_a_job_deleted_and_re_applied_at_once_runs_on_its_own_pods(stack):
+    """The README's resume recipe on a real cluster: graceful termination and asynchronous
+    garbage collection mean the old job's pods still exist, terminating, when the new job
+    starts. The new job waits for the names and runs on pods of its own."""
+    kubectl = stack.kubectl
+    manifest = _manifest(REPO / "examples" / "quickstart.yaml", metadata__name="again",
+                         spec__training__maxSteps=100000, spec__training__epochs=1000,
+                         spec__output__adapterUri="s3://adapters/again/")
+    kubectl.run("apply", "-f", "-", input=manifest)
+    deadline = time.monotonic() + 300
+    while kubectl.json("get", "ftj", "again").get("status", {}).get("phase") != "Running":
+        assert time.monotonic() < deadline, "the first job never ran"
+        time.sleep(1)
+    old_uid = kubectl.json("get", "ftj", "again")["metadata"]["uid"]
+
+    kubectl.run("delete", "ftj", "again", "--wait=false")
+    kubectl.run("apply", "-f", "-", input=manifest)
+
+    deadline = time.monotonic() + 300
+    while True:
+        job = kubectl.json("get", "ftj", "again")
+        pods = kubectl.json("get", "pods", "-l", "kubetune.dev/job-name=again")["items"]
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        if job["metadata"]["uid"] != old_uid and job.get("status", {}).get("phase") == "Running" and len(live) == 2:
+            break
+        assert job.get("status", {}).get("phase") not in ("Failed", "Succeeded"), job["status"]
+        assert time.monotonic() < deadline, f"the new job never ran on its own pods: {job.get('status')}"
+        time.sleep(1)
+    new_uid = job["metadata"]["uid"]
+    assert {p["metadata"]["labels"]["kubetune.dev/job-uid"] for p in live} == {new_uid}
+    assert job["status"]["workers"]["active"] == 2
+
+    kubectl.run("delete", "ftj", "again")
+    deadline = time.monotonic() + 90
+    while _pids_of_job("again") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _pids_of_job("again") == []

@@ -10,6 +10,7 @@ from kubetune.operator.status import PodObservation, derive_status, failed_statu
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
 ADAPTER = "s3://adapters/quickstart/"
+LAUNCHED = {"replicas": 2, "configHash": "0" * 64, "attempt": 1, "adapterUri": ADAPTER}
 
 
 def pod(
@@ -80,7 +81,7 @@ def test_missing_pod_after_running_fails_the_job() -> None:
 
 
 def test_missing_pod_before_start_is_still_pending() -> None:
-    assert derive([pod(0, "Running")], previous=initial_status(1, T0))["phase"] == "Pending"
+    assert derive([pod(0, "Running")], previous=initial_status(1, T0, LAUNCHED))["phase"] == "Pending"
 
 
 def test_success_records_adapter_and_times() -> None:
@@ -118,8 +119,8 @@ def test_conditions_carry_observed_generation() -> None:
 
 
 def test_initial_and_invalid_spec_statuses() -> None:
-    start = initial_status(1, T0)
-    assert start["phase"] == "Pending"
+    start = initial_status(1, T0, LAUNCHED)
+    assert start["phase"] == "Pending" and start["launched"] == LAUNCHED
     assert conditions(start)["Created"] == "True"
     invalid = failed_status(None, 1, "InvalidSpec", "spec.model.uri: bad", T0)
     assert invalid["phase"] == "Failed"

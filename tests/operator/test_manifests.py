@@ -36,6 +36,7 @@ def test_children_are_config_service_and_one_pod_per_replica() -> None:
         assert child["metadata"]["namespace"] == "default"
         assert child["metadata"]["ownerReferences"] == [OWNER]
         assert child["metadata"]["labels"]["kubetune.dev/job-name"] == "quickstart"
+        assert child["metadata"]["labels"]["kubetune.dev/job-uid"] == "u-1"
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune"
 
 
@@ -49,7 +50,8 @@ def test_config_map_holds_the_rendered_trainer_config() -> None:
 def test_headless_service_selects_the_job_workers() -> None:
     service = build_service(JOB)
     assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == {"kubetune.dev/job-name": "quickstart"}
+    # The job's UID, not its name: a re-created job of the same name has other pods.
+    assert service["spec"]["selector"] == {"kubetune.dev/job-uid": "u-1"}
     assert service["spec"]["ports"][0]["port"] == 29500
     assert service["spec"]["ports"][0]["name"] == "rdzv"
 
@@ -84,6 +86,7 @@ def test_worker_pod_identity_dns_and_restart_policy() -> None:
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": "kubetune",
         "kubetune.dev/job-name": "quickstart",
+        "kubetune.dev/job-uid": "u-1",
         "kubetune.dev/replica-index": "1",
     }
     assert pod["spec"]["hostname"] == "quickstart-worker-1"

@@ -28,9 +28,7 @@ def test_command_line_reaches_run(argv: list[str], expected: dict, monkeypatch: 
 
 def test_run_watches_the_given_namespace_or_all(monkeypatch: pytest.MonkeyPatch) -> None:
     import kopf
-    from kubetune.operator import handlers
 
-    monkeypatch.setattr(handlers, "_state", {})  # run() hands its settings to the handlers
     seen: list[dict] = []
     monkeypatch.setattr(kopf, "run", lambda **kwargs: seen.append(kwargs))
     monkeypatch.setenv("KUBETUNE_NAMESPACE", "from-env")
@@ -44,6 +42,8 @@ def test_run_watches_the_given_namespace_or_all(monkeypatch: pytest.MonkeyPatch)
         (False, ["ml"], False),
         (True, [], True),
     ]
+    # The handlers get their settings through kopf's memo, not a module global.
+    assert [call["memo"].settings.namespace for call in seen] == ["from-env", "ml", None]
 
 
 @pytest.mark.parametrize(
@@ -75,9 +75,7 @@ def test_a_taken_metrics_port_exits_with_one_clear_line(
     import socket
 
     import kopf
-    from kubetune.operator import handlers
 
-    monkeypatch.setattr(handlers, "_state", {})
     monkeypatch.setattr("kubetune.operator.kube.load_credentials", lambda: None)
     monkeypatch.setattr(kopf, "run", lambda **kwargs: pytest.fail("must not start kopf"))
     parser = argparse.ArgumentParser()

@@ -21,7 +21,6 @@ from crd_tools import CRD_PATH, EXAMPLES
 from kopf.testing import KopfRunner
 from kubernetes import client, config
 from kubetune.localcluster.cluster import LocalCluster
-from kubetune.operator import handlers
 
 KUBECTL = shutil.which("kubectl", path=os.path.dirname(sys.executable))
 WORKERS = ["quickstart-worker-0", "quickstart-worker-1"]
@@ -128,7 +127,6 @@ def cluster(control_plane: LocalCluster, tmp_path: Path, monkeypatch: pytest.Mon
                     "--timeout=60s"], check=True, capture_output=True)
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     monkeypatch.delenv("KUBETUNE_NAMESPACE", raising=False)
-    monkeypatch.setattr(handlers, "_state", {})  # settings and client come from this cluster
     yield Cluster(control_plane.kubeconfig, tmp_path / "kubectl-cache", namespace)
     subprocess.run([*kubectl, "delete", "namespace", namespace, "--wait=false"], capture_output=True)
 
@@ -222,15 +220,49 @@ def test_failed_worker_fails_the_job_with_a_warning_event(cluster: Cluster, oper
     eventually(lambda: any(event[:2] == ("Warning", "Failed") for event in cluster.events()), "Failed warning event")
 
 
-def test_spec_change_after_start_posts_a_warning(cluster: Cluster, operator: None) -> None:
+def test_a_spec_edit_is_refused_by_the_api_server(cluster: Cluster, operator: None) -> None:
     cluster.apply_example(EXAMPLES / "quickstart.yaml")
     eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
-    cluster.kubectl("patch", "ftj", "quickstart", "--type=merge", "-p", '{"spec":{"training":{"maxSteps":60}}}')
-    eventually(
-        lambda: any(event[:2] == ("Warning", "SpecChangeIgnored") for event in cluster.events()),
-        "SpecChangeIgnored warning event",
-    )
-    assert len(cluster.pods()) == 2
+    edit = cluster.kubectl("patch", "ftj", "quickstart", "--type=merge", "-p", '{"spec":{"training":{"maxSteps":60}}}',
+                           check=False)
+    assert edit.returncode != 0 and "spec is immutable once the job exists" in edit.stderr
+    assert cluster.job()["spec"]["training"]["maxSteps"] == 30 and len(cluster.pods()) == 2
+    # Applying the same manifest again changes nothing, so it is accepted.
+    assert "unchanged" in cluster.apply_example(EXAMPLES / "quickstart.yaml").stdout
+
+
+def test_a_job_name_that_cannot_name_its_service_is_refused_at_admission(cluster: Cluster) -> None:
+    manifest = (EXAMPLES / "quickstart.yaml").read_text().replace("name: quickstart", "name: 1job")
+    refused = cluster.apply_example(EXAMPLES / "quickstart.yaml", check=False, text=manifest)
+    assert refused.returncode != 0 and "metadata.name must be a DNS-1035 label" in refused.stderr
+
+
+def test_re_applied_job_waits_for_the_old_jobs_pods_and_gets_its_own(cluster: Cluster, operator: None) -> None:
+    cluster.apply_example(EXAMPLES / "quickstart.yaml")
+    old_pods = eventually(lambda: len(cluster.pods()) == 2 and cluster.pods(), "two worker pods created")
+    old_uid = cluster.job()["metadata"]["uid"]
+    # Hold the old pods in Terminating, as a node does while its containers stop.
+    for pod in old_pods:
+        cluster.core.patch_namespaced_pod(pod["metadata"]["name"], cluster.namespace,
+                                          {"metadata": {"finalizers": ["kubetune.dev/test-hold"]}})
+    cluster.kubectl("delete", "ftj", "quickstart", "--wait=false")
+    eventually(lambda: all(p["metadata"].get("deletionTimestamp") for p in cluster.pods()), "old pods terminating")
+
+    cluster.apply_example(EXAMPLES / "quickstart.yaml")
+    new_uid = eventually(lambda: cluster.job()["metadata"]["uid"] != old_uid and cluster.job()["metadata"]["uid"],
+                         "the new job")
+    waiting = eventually(lambda: "waiting for" in cluster.job().get("status", {}).get("message", "")
+                         and cluster.job()["status"], "the new job to wait for the old pods")
+    assert waiting["phase"] == "Pending" and old_uid in waiting["message"]
+
+    for pod in old_pods:
+        cluster.core.patch_namespaced_pod(pod["metadata"]["name"], cluster.namespace,
+                                          {"metadata": {"finalizers": None}})
+    pods = eventually(lambda: len(cluster.pods()) == 2 and not any(p["metadata"].get("deletionTimestamp")
+                                                                   for p in cluster.pods()) and cluster.pods(),
+                      "the new job's own two pods", timeout=90)
+    assert {p["metadata"]["ownerReferences"][0]["uid"] for p in pods} == {new_uid}
+    assert {p["metadata"]["labels"]["kubetune.dev/job-uid"] for p in pods} == {new_uid}
 
 
 def test_kubectl_explain_and_wide_columns_come_from_the_crd(cluster: Cluster) -> None:
@@ -276,12 +308,11 @@ def test_uneven_batch_is_refused_by_the_api_server_cel_rule(cluster: Cluster, op
 
 
 def test_progress_is_scraped_from_worker_0_and_the_results_come_from_its_termination_message(
-    cluster: Cluster,
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
     import socket
 
-    from kubetune.operator.settings import OperatorSettings
     from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
     with socket.socket() as probe:
@@ -296,7 +327,7 @@ def test_progress_is_scraped_from_worker_0_and_the_results_come_from_its_termina
     gauges["kubetune_train_step"].set(12)
     gauges["kubetune_train_loss"].set(1.2345)
 
-    handlers.use_settings(OperatorSettings(trainer_metrics_port=metrics_port))
+    monkeypatch.setenv("KUBETUNE_TRAINER_METRICS_PORT", str(metrics_port))
     with cluster.run_operator(timeout=90):
         cluster.apply_example(EXAMPLES / "quickstart.yaml")
         eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")

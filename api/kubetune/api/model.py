@@ -20,11 +20,13 @@ from pydantic.alias_generators import to_camel
 @dataclass(frozen=True)
 class Rule:
     """A cross-field rule: ``cel`` for the API server, ``check`` for Python; both refuse with
-    ``message``, which names the fields (as a user writes them) and the fix."""
+    ``message``, which names the fields (as a user writes them) and the fix. A rule without
+    ``check`` compares an update with the stored object (``oldSelf``): only the API server,
+    which sees both, can enforce it."""
 
     cel: str
     message: str
-    check: Callable[[Any], bool]
+    check: Callable[[Any], bool] | None = None
 
 
 class ApiModel(BaseModel):
@@ -39,7 +41,7 @@ class ApiModel(BaseModel):
 
     @model_validator(mode="after")
     def _rules_hold(self) -> ApiModel:
-        broken = [rule.message for rule in type(self).rules if not rule.check(self)]
+        broken = [rule.message for rule in type(self).rules if rule.check is not None and not rule.check(self)]
         if broken:
             raise ValueError("; ".join(broken))
         return self

@@ -309,10 +309,21 @@ QUALITY_GATE_NEEDS_EVALUATION_DATA = Rule(
 """Holds for the spec and for the trainer config, which has the same two sections."""
 
 
+SPEC_IS_IMMUTABLE = Rule(
+    cel="self == oldSelf",
+    message=(
+        "spec is immutable once the job exists, so that what runs is what was asked for: delete the job "
+        "and apply it again to change it (with the same spec.output.checkpointUri it resumes from its "
+        "newest complete checkpoint)."
+    ),
+)
+
+
 class FineTuneJobSpec(ApiModel):
-    """What to train, with what, and where to put the result."""
+    """What to train, with what, and where to put the result. Immutable once created."""
 
     rules = (
+        SPEC_IS_IMMUTABLE,
         Rule(
             cel=(
                 "self.training.globalBatchSize % (self.training.microBatchSize * self.workers.replicas * "

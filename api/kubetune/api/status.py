@@ -94,6 +94,20 @@ class Results(ApiModel):
     """Real (non-padding) tokens trained on."""
 
 
+class Launched(ApiModel):
+    """What the operator started, recorded when it created the job's children: the status is
+    derived from this record, never from the live spec."""
+
+    replicas: int | None = None
+    """Worker pods created."""
+    config_hash: str | None = None
+    """sha256 of the trainer config rendered into the job's ConfigMap."""
+    attempt: int | None = None
+    """Which start of the job's gang this is (1 = the first)."""
+    adapter_uri: str | None = None
+    """Where the adapter is published."""
+
+
 class FineTuneJobStatus(ApiModel):
     """What the operator observed; written by the operator only."""
 
@@ -115,6 +129,8 @@ class FineTuneJobStatus(ApiModel):
     """Training progress."""
     results: Results | None = None
     """What the trainer reported when it finished."""
+    launched: Launched | None = None
+    """What the operator started for this job."""
     start_time: Timestamp | None = None
     """When every worker first ran."""
     completion_time: Timestamp | None = None

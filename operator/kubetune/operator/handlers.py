@@ -1,82 +1,59 @@
-"""Kopf handlers: thin glue between Kubernetes events and the pure builders.
+"""Kopf handlers: they observe and carry out; every decision is ``reconcile()``'s.
 
-- FineTuneJob created (or found at operator start): create its ConfigMap, Service and pods.
-- A kubetune worker pod changed: re-derive the owning job's status from all its pods.
-- FineTuneJob spec changed: warn that a running job does not pick it up.
-- FineTuneJob Running: every few seconds, scrape rank 0's /metrics into ``status.progress``.
-- Any FineTuneJob event: keep the operator's jobs-by-phase gauge current.
-Deleting a job deletes its children through ownerReferences; no finalizer is needed.
+- Two in-memory indexes (kopf's): every FineTuneJob by UID, and every kubetune worker pod by
+  the UID of the job that owns it (its ``kubetune.dev/job-uid`` label). The pod watch is
+  filtered by the API server (``settings.watching.label_selectors``), not in the operator.
+- A job is reconciled when it is created or found at start-up (with retries and back-off:
+  a child name still held by an earlier job's terminating pod is waited for), when one of its
+  pods changes, and every few seconds while it waits for its workers.
+- Rank 0's metrics are scraped into ``status.progress`` while the job runs, asynchronously,
+  with a timeout and a random delay, so a slow or hung pod holds up no other job.
+
+State lives in kopf's ``memo`` (the API client, settings, metrics, one lock per job so a job's
+read-decide-write cycles never interleave), not in module globals. The Kubernetes client is the
+official synchronous one, called from a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import http.client
+import json
 import logging
-import threading
-import urllib.request
-from collections import defaultdict
-from collections.abc import Iterator
+import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import kopf
-from kubetune.api import FINAL_PHASES, InvalidObjectError, JobRef, check_job_name, parse_spec
-from kubetune.operator.kube import GROUP, PLURAL, VERSION, Kube, NoCredentialsError, bearer_token, load_credentials
-from kubetune.operator.manifests import (
-    JOB_NAME_LABEL,
-    MANAGED_BY,
-    MANAGED_BY_LABEL,
-    REPLICA_INDEX_LABEL,
-    build_children,
-)
+from kubernetes.client.exceptions import ApiException
+from kubetune.api import FINAL_PHASES, GROUP, PLURAL, VERSION, JobRef
+from kubetune.operator.kube import Kube, NoCredentialsError, bearer_token, load_credentials
+from kubetune.operator.manifests import JOB_UID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REPLICA_INDEX_LABEL, owned_by
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.progress import MetricsParseError, derive_progress, metrics_url
+from kubetune.operator.reconcile import Create, Event, Job, Outcome, creation_failed, ours, reconcile, waiting
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.status import derive_status, failed_status, initial_status, observe_pod
 
-# Pod events of one job arrive in parallel threads; one lock per job keeps each
-# read-derive-patch cycle (and the transition events it posts) from interleaving.
-_job_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-_state: dict[str, Any] = {"metrics": OperatorMetrics()}
 PROGRESS_INTERVAL_SECONDS = 5.0
-# A scrape runs in a timer thread; a hung pod must not hold it (nor the job) for long.
+# A scrape runs in the operator's event loop: a hung pod must not hold it for long.
 SCRAPE_TIMEOUT_SECONDS = 2.0
-
-
-def _kube() -> Kube:
-    return _state["kube"]
-
-
-def _settings() -> OperatorSettings:
-    return _state["settings"]
+PENDING_RESYNC_SECONDS = 10.0
+WAIT_RETRY_SECONDS = 2.0
+# 4xx answers that a retry may cure; every other 4xx to a create is a refusal, final.
+RETRIABLE_STATUSES = {409, 429}
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def metrics() -> OperatorMetrics:
-    if "metrics" not in _state:
-        _state["metrics"] = OperatorMetrics()
-    return _state["metrics"]
-
-
-@contextlib.contextmanager
-def _reconciling(handler: str) -> Iterator[None]:
-    metrics().reconciles.labels(handler=handler).inc()
-    try:
-        yield
-    except kopf.PermanentError:
-        raise  # an outcome (e.g. an invalid spec), already reported on the job
-    except Exception:
-        metrics().reconcile_errors.labels(handler=handler).inc()
-        raise
-
-
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo:
-    """kopf and our client share one set of credentials, resolved when the operator starts."""
+    """kopf and our client share one set of credentials. Not kopf.login_via_client: that
+    reads the kubeconfig the client found when it was imported, where $KUBECONFIG may have been
+    set since (the demo, the tests); load_credentials reads it now."""
     try:
         configuration = load_credentials()
     except NoCredentialsError as error:
@@ -94,178 +71,225 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Keep kopf's bookkeeping in annotations: the CRD's structural status schema would prune
     # anything kopf wrote under status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.dev")
-    # Only the explicit events below are posted (kopf's posting.loggers is off by default), so
-    # nothing a handler logs can leak into Events.
-    settings.posting.loggers = False
-    settings.posting.reporting_component = "kubetune-operator"
-    logging.getLogger("kopf.objects").addFilter(_quiet_progress_timer)
+    # Events are the reconciler's, posted by us; nothing a handler logs becomes an Event.
+    settings.posting.enabled = False
+    # Only kubetune's pods, filtered by the API server: the operator never sees the others.
+    settings.watching.label_selectors["", "v1", "pods"] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+    logging.getLogger("kopf.objects").addFilter(_quiet_timers)
     try:
         load_credentials()
     except NoCredentialsError as error:
         raise kopf.PermanentError(str(error)) from None  # retrying will not make a kubeconfig appear
-    _state["kube"] = Kube()
-    _state.setdefault("settings", OperatorSettings.from_env())
+    memo.setdefault("settings", OperatorSettings.from_env())
+    memo.setdefault("metrics", OperatorMetrics())
+    memo.kube = Kube()
+    memo.locks = {}
+    memo.http = aiohttp.ClientSession(trust_env=False)  # pod IPs are reached directly, never via a proxy
 
 
-def _quiet_progress_timer(record: logging.LogRecord) -> bool:
-    """kopf logs every successful handler run; for a timer every few seconds per job that buries
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    if "http" in memo:
+        await memo.http.close()
+
+
+def _quiet_timers(record: logging.LogRecord) -> bool:
+    """kopf logs every successful handler run; for timers every few seconds per job that buries
     the log lines that matter."""
-    return not (record.levelno == logging.INFO and record.getMessage() == "Timer 'finetunejob_progress' succeeded.")
+    return not (record.levelno == logging.INFO and record.getMessage().startswith("Timer ")
+                and record.getMessage().endswith(" succeeded."))
 
 
-def use_settings(settings: OperatorSettings) -> None:
-    """Let the entry point (or a test) fix the settings before kopf starts."""
-    _state["settings"] = settings
+# -- what the operator observes ------------------------------------------------------------
+@kopf.index(GROUP, VERSION, PLURAL)
+def jobs_by_uid(namespace: str, name: str, uid: str, **_: Any) -> dict[str, tuple[str, str]]:
+    return {uid: (namespace, name)}
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-def finetunejob_create(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, logger: kopf.Logger, **_: Any) -> None:
-    with _reconciling("create"):
-        _start_job(body, spec, meta, logger)
+@kopf.index("", "v1", "pods", labels={JOB_UID_LABEL: kopf.PRESENT})
+def pods_by_job(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]]:
+    # A snapshot: kopf's body is a live view of whatever the watch delivers next.
+    return {labels[JOB_UID_LABEL]: {key: _plain(value) for key, value in body.items()}}
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-def finetunejob_resume(
-    body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, logger: kopf.Logger, **_: Any
-) -> None:
-    if status.get("phase") in FINAL_PHASES:
-        return  # finished jobs are history, never re-run
-    with _reconciling("resume"):
-        _start_job(body, spec, meta, logger)
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
-def _start_job(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, logger: kopf.Logger) -> None:
-    job = JobRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
-    generation = int(meta.get("generation") or 1)
-    with _job_locks[(job.namespace, job.name)]:
-        try:
-            check_job_name(job.name)
-            typed = parse_spec(dict(spec))
-        except InvalidObjectError as error:
-            previous = dict(body.get("status") or {})
-            _kube().patch_job_status(
-                job.namespace, job.name, failed_status(previous, generation, "InvalidSpec", str(error), _now())
-            )
-            kopf.warn(body, reason="InvalidSpec", message=str(error))
-            raise kopf.PermanentError(str(error)) from None
-        children = build_children(job, typed, _settings())
-        kopf.adopt(children, owner=body)
-        created = [child for child in children if _kube().create_if_absent(child)]
-        metrics().pods_created.inc(sum(child["kind"] == "Pod" for child in created))
-        created = [child["metadata"]["name"] for child in created]
-        logger.info("created %s", ", ".join(created) or "nothing (all children exist)")
-        if not (body.get("status") or {}).get("phase"):
-            _kube().patch_job_status(job.namespace, job.name, initial_status(generation, _now()))
-            kopf.info(
-                body, reason="Created", message=f"created config map, service and {typed.workers.replicas} worker pods"
-            )
+def _pods(index: kopf.Index, uid: str) -> list[dict[str, Any]]:
+    return list(index.get(uid, []))
 
 
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def finetunejob_spec_changed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    message = "spec changes are not applied to a job that has started; delete and recreate the job to change it"
-    logger.warning(message)
-    kopf.warn(body, reason="SpecChangeIgnored", message=message)
+# -- when the operator reconciles ------------------------------------------------------------
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in FINAL_PHASES
 
 
-@kopf.on.event("", "v1", "pods", labels={MANAGED_BY_LABEL: MANAGED_BY, JOB_NAME_LABEL: kopf.PRESENT})
-def worker_pod_event(namespace: str, labels: kopf.Labels, logger: kopf.Logger, **_: Any) -> None:
-    with _reconciling("pod_event"):
-        refresh_job_status(namespace, labels[JOB_NAME_LABEL], logger)
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=WAIT_RETRY_SECONDS)
+async def finetunejob_create(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
+                             logger: kopf.Logger, **_: Any) -> None:
+    await _sync("create", namespace, name, uid, _pods(pods_by_job, uid), memo, logger, retry=True)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, when=_unfinished, backoff=WAIT_RETRY_SECONDS)
+async def finetunejob_resume(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
+                             logger: kopf.Logger, **_: Any) -> None:
+    await _sync("resume", namespace, name, uid, _pods(pods_by_job, uid), memo, logger, retry=True)
+
+
+@kopf.on.event("", "v1", "pods", labels={JOB_UID_LABEL: kopf.PRESENT})
+async def worker_pod_event(labels: kopf.Labels, memo: kopf.Memo, jobs_by_uid: kopf.Index,
+                           pods_by_job: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
+    uid = labels[JOB_UID_LABEL]
+    for namespace, name in jobs_by_uid.get(uid, []):  # none: the pod of a job that is gone
+        await _sync("pod_event", namespace, name, uid, _pods(pods_by_job, uid), memo, logger)
+
+
+def _pending(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in (None, "Pending")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=PENDING_RESYNC_SECONDS, when=_pending)
+async def finetunejob_resync(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
+                             logger: kopf.Logger, **_: Any) -> None:
+    """While a job waits for its workers nothing else may wake it (a name held by an earlier
+    job's pod frees up without an event of this job's): look again now and then."""
+    await _sync("resync", namespace, name, uid, _pods(pods_by_job, uid), memo, logger)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def finetunejob_event(type: str | None, meta: kopf.Meta, status: kopf.Status, **_: Any) -> None:
+async def finetunejob_event(type: str | None, namespace: str, name: str, uid: str, status: kopf.Status,
+                            memo: kopf.Memo, **_: Any) -> None:
     if type == "DELETED":
-        metrics().job_gone(meta["namespace"], meta["name"])
+        memo.metrics.job_gone(namespace, name)
+        memo.locks.pop(uid, None)
     else:
-        metrics().job_seen(meta["namespace"], meta["name"], status.get("phase"))
+        memo.metrics.job_seen(namespace, name, status.get("phase"))
 
 
-def _is_running(status: kopf.Status, **_: Any) -> bool:
+# -- carrying out ------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _counted(memo: kopf.Memo, handler: str) -> AsyncIterator[None]:
+    memo.metrics.reconciles.labels(handler=handler).inc()
+    try:
+        yield
+    except kopf.TemporaryError:
+        raise  # waiting, not failing
+    except Exception:
+        memo.metrics.reconcile_errors.labels(handler=handler).inc()
+        raise
+
+
+async def _sync(handler: str, namespace: str, name: str, uid: str, pods: list[dict[str, Any]], memo: kopf.Memo,
+                logger: kopf.Logger, retry: bool = False) -> None:
+    """Read the job afresh, reconcile it with its pods, carry the outcome out."""
+    async with _counted(memo, handler), memo.locks.setdefault(uid, asyncio.Lock()):
+        body = await asyncio.to_thread(memo.kube.get_job, namespace, name)
+        if body is None or body["metadata"]["uid"] != uid or body["metadata"].get("deletionTimestamp"):
+            return  # the job is gone or going (or re-created: its own handlers run for it)
+        job = Job.of(body)
+        instead = await _carry_out(job, reconcile(job, pods, memo.settings, _now()), memo, logger)
+        if retry and instead is not None and instead.blocked:
+            raise kopf.TemporaryError(instead.blocked, delay=WAIT_RETRY_SECONDS)
+
+
+async def _carry_out(job: Job, outcome: Outcome, memo: kopf.Memo, logger: kopf.Logger) -> Outcome | None:
+    """Create, post, then write the status. When a creation cannot be done (a name held by
+    another object, a refusal), the outcome put in its place is carried out and returned."""
+    for action in outcome.actions:
+        if isinstance(action, Create):
+            instead = await _create(job, action.child, memo)
+            if instead is not None:
+                await _carry_out(job, instead, memo, logger)
+                return instead
+        elif isinstance(action, Event):
+            await _post(job, action, memo, logger)
+    if outcome.status is not None:
+        await asyncio.to_thread(memo.kube.patch_job_status, job.ref.namespace, job.ref.name, outcome.status)
+        if outcome.status["phase"] != job.status.get("phase"):
+            logger.info("job %s/%s is %s: %s", job.ref.namespace, job.ref.name, outcome.status["phase"],
+                        outcome.status["message"])
+    return None
+
+
+async def _create(job: Job, child: dict[str, Any], memo: kopf.Memo) -> Outcome | None:
+    """Create one child. None when it exists now as this job's; else what the job does instead."""
+    try:
+        await asyncio.to_thread(memo.kube.create, child)
+    except ApiException as error:
+        if error.status == 409:
+            meta = child["metadata"]
+            holder = await asyncio.to_thread(memo.kube.read, child["kind"], meta["namespace"], meta["name"])
+            if holder is None:
+                raise kopf.TemporaryError(f"{child['kind']} {meta['name']} was deleted meanwhile", delay=1) from None
+            if owned_by(holder, job.ref.uid) and not holder["metadata"].get("deletionTimestamp"):
+                return None  # ours already: created by an earlier pass
+            return waiting(job, child, holder, _now())
+        if 400 <= error.status < 500 and error.status not in RETRIABLE_STATUSES:
+            return creation_failed(job, child, _api_message(error), _now())
+        raise  # the API is unwell: kopf retries (create, resume) or the next event does
+    if child["kind"] == "Pod":
+        memo.metrics.pods_created.inc()
+    return None
+
+
+def _api_message(error: ApiException) -> str:
+    try:
+        return json.loads(error.body).get("message") or str(error.reason)
+    except (TypeError, ValueError):
+        return str(error.reason)
+
+
+async def _post(job: Job, event: Event, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    try:
+        await asyncio.to_thread(memo.kube.post_event, job.ref, event.type, event.reason, event.message)
+    except ApiException as error:  # an Event is worth a retry of nothing: the status says it too
+        logger.warning("could not post event %s on %s/%s: %s", event.reason, job.ref.namespace, job.ref.name,
+                       error.reason)
+
+
+# -- progress ----------------------------------------------------------------------------------
+def _running(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") == "Running"
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL_SECONDS, when=_is_running)
-def finetunejob_progress(meta: kopf.Meta, logger: kopf.Logger, **_: Any) -> None:
-    scrape_progress(meta["namespace"], meta["name"], logger)
-
-
-def scrape_progress(namespace: str, job_name: str, logger: kopf.Logger) -> None:
-    """Read rank 0's /metrics into ``status.progress``. A failed scrape is no error: the job
-    runs on, the failure is counted, and the next tick tries again."""
-    pods = _kube().list_pods(namespace, {JOB_NAME_LABEL: job_name, REPLICA_INDEX_LABEL: "0"})
-    url = metrics_url(pods[0]) if pods else None
+@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL_SECONDS, when=_running)
+async def finetunejob_progress(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
+                               logger: kopf.Logger, **_: Any) -> None:
+    """Rank 0's /metrics into ``status.progress``. A failed scrape is no error: the job runs on,
+    the failure is counted, and the next tick tries again."""
+    await asyncio.sleep(random.uniform(0, PROGRESS_INTERVAL_SECONDS / 5))  # jobs started together scrape apart
+    rank0 = [pod for pod in ours(JobRef(name=name, namespace=namespace, uid=uid), _pods(pods_by_job, uid))
+             if pod["metadata"].get("labels", {}).get(REPLICA_INDEX_LABEL) == "0"]
+    url = metrics_url(rank0[0]) if rank0 else None
     if url is None:
         return  # worker-0 has no IP yet, or no metrics port to scrape
     try:
-        text = _state.get("fetch", _fetch)(url)
-    except (OSError, http.client.HTTPException, UnicodeDecodeError) as error:
-        metrics().scrape_failures.inc()
+        async with memo.http.get(url, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)) as answer:
+            text = await answer.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError) as error:
+        memo.metrics.scrape_failures.inc()
         logger.debug("progress scrape of %s failed: %s", url, error)
         return
-    with _job_locks[(namespace, job_name)]:
-        job = _kube().get_job(namespace, job_name)
-        if job is None or job["metadata"].get("deletionTimestamp"):
-            return
-        status = job.get("status") or {}
-        if status.get("phase") != "Running":
-            return  # finished while we scraped: the final status owns the progress now
+    async with memo.locks.setdefault(uid, asyncio.Lock()):
+        job = await asyncio.to_thread(memo.kube.get_job, namespace, name)
+        if job is None or job["metadata"]["uid"] != uid or (job.get("status") or {}).get("phase") != "Running":
+            return  # gone, or finished while we scraped: the final status owns the progress now
+        previous = (job.get("status") or {}).get("progress")
         try:
-            progress = derive_progress(text, status.get("progress"), _now())
+            progress = derive_progress(text, previous, _now())
         except MetricsParseError as error:
-            metrics().scrape_failures.inc()
+            memo.metrics.scrape_failures.inc()
             logger.debug("progress scrape of %s failed: %s", url, error)
             return
-        if progress is not None and progress != status.get("progress"):
-            _kube().patch_job_status(namespace, job_name, {"progress": progress})
-
-
-# Pod IPs are reached directly, never through an HTTP(S)_PROXY from the environment.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _fetch(url: str) -> str:
-    with _opener.open(url, timeout=SCRAPE_TIMEOUT_SECONDS) as response:
-        return response.read().decode("utf-8")
-
-
-def refresh_job_status(namespace: str, job_name: str, logger: kopf.Logger) -> None:
-    """Re-derive a job's status from all its pods, patch it, and announce phase changes."""
-    with _job_locks[(namespace, job_name)]:
-        job = _kube().get_job(namespace, job_name)
-        if job is None or job["metadata"].get("deletionTimestamp"):
-            return  # the job is gone or going; its pods follow it
-        previous = job.get("status") or {}
-        spec = job.get("spec") or {}
-        pods = [observe_pod(pod) for pod in _kube().list_pods(namespace, {JOB_NAME_LABEL: job_name})]
-        status = derive_status(
-            replicas=int((spec.get("workers") or {}).get("replicas", 1)),
-            adapter_uri=(spec.get("output") or {}).get("adapterUri", ""),
-            generation=int(job["metadata"].get("generation") or 1),
-            pods=pods,
-            previous=previous,
-            now=_now(),
-            job_name=job_name,
-        )
-        if status == previous:
-            return
-        _kube().patch_job_status(namespace, job_name, status)
-        if status["phase"] != previous.get("phase"):
-            logger.info("job %s/%s is %s: %s", namespace, job_name, status["phase"], status["message"])
-            _announce(job, status)
-
-
-def _announce(job: dict[str, Any], status: dict[str, Any]) -> None:
-    phase, message = status["phase"], status["message"]
-    if phase == "Running":
-        kopf.info(job, reason="Running", message=message)
-    elif phase == "Succeeded":
-        kopf.info(job, reason="Succeeded", message=message)
-    elif phase == "Failed":
-        kopf.warn(job, reason="Failed", message=message)
+        if progress is not None and progress != previous:
+            await asyncio.to_thread(memo.kube.patch_job_status, namespace, name, {"progress": progress})

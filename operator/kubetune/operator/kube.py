@@ -7,11 +7,16 @@ Uses the official client (kubeconfig from KUBECONFIG / ~/.kube/config, in-cluste
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubetune.api.resource import GROUP, PLURAL, VERSION
+from kubetune.api import JobRef
+from kubetune.api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+REPORTING_COMPONENT = "kubetune-operator"
+REPORTING_INSTANCE = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or REPORTING_COMPONENT
 
 
 class NoCredentialsError(RuntimeError):
@@ -55,25 +60,28 @@ class Kube:
         self.core = client.CoreV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
 
-    def create_if_absent(self, obj: dict[str, Any]) -> bool:
-        """Create a ConfigMap, Service or Pod; False when it already exists (idempotent resume)."""
+    def create(self, obj: dict[str, Any]) -> None:
+        """Create a ConfigMap, Service or Pod; ApiException as the API answered (409: the name is taken)."""
         create = {
             "ConfigMap": self.core.create_namespaced_config_map,
             "Service": self.core.create_namespaced_service,
             "Pod": self.core.create_namespaced_pod,
         }[obj["kind"]]
-        try:
-            create(namespace=obj["metadata"]["namespace"], body=obj)
-        except ApiException as error:
-            if error.status == 409:
-                return False
-            raise
-        return True
+        create(namespace=obj["metadata"]["namespace"], body=obj)
 
-    def list_pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
-        selector = ",".join(f"{key}={value}" for key, value in labels.items())
-        found = self.core.list_namespaced_pod(namespace=namespace, label_selector=selector)
-        return self.api_client.sanitize_for_serialization(found).get("items") or []
+    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A ConfigMap, Service or Pod as the API returns it; None when there is none."""
+        read = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Service": self.core.read_namespaced_service,
+            "Pod": self.core.read_namespaced_pod,
+        }[kind]
+        try:
+            return self.api_client.sanitize_for_serialization(read(name=name, namespace=namespace))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -87,3 +95,23 @@ class Kube:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, body={"status": status}
         )
+
+    def post_event(self, job: JobRef, kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the job, as `kubectl describe ftj` shows them."""
+        now = datetime.now(UTC)
+        self.core.create_namespaced_event(job.namespace, {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{job.name}.", "namespace": job.namespace},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": job.name,
+                               "namespace": job.namespace, "uid": job.uid},
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": REPORTING_COMPONENT},
+            "reportingComponent": REPORTING_COMPONENT,
+            "reportingInstance": REPORTING_INSTANCE,
+            "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "count": 1,
+        })

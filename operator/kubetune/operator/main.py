@@ -23,21 +23,23 @@ def run(
     Raises OSError when the metrics port is taken.
     """
     import kopf
-    from kubetune.operator import handlers
+    from kubetune.operator import handlers  # noqa: F401  (registers the handlers with kopf)
+    from kubetune.operator.metrics import OperatorMetrics
 
     settings = OperatorSettings.from_env()
     if namespace is not None:
         settings = dataclasses.replace(settings, namespace=namespace)
     if metrics_port is not None:
         settings = dataclasses.replace(settings, metrics_port=metrics_port)
-    handlers.use_settings(settings)
-    handlers.metrics().serve(settings.metrics_port)
+    metrics = OperatorMetrics()
+    metrics.serve(settings.metrics_port)
     liveness = liveness_port or settings.liveness_port
     kopf.run(
         standalone=standalone,
         clusterwide=settings.namespace is None,
         namespaces=[settings.namespace] if settings.namespace else (),
         liveness_endpoint=f"http://0.0.0.0:{liveness}/healthz" if liveness else None,
+        memo=kopf.Memo(settings=settings, metrics=metrics),
     )
 
 

@@ -1,7 +1,9 @@
 """Pure builders: FineTuneJob -> ConfigMap, headless Service and worker Pods (plain dicts).
 
-Every child carries an ownerReference to the job (so Kubernetes garbage-collects it with the
-job) and the labels the operator selects on. No kopf, no API client: handlers create these.
+Every child carries a controller ownerReference to the job (so Kubernetes garbage-collects it
+with the job) and the job's UID as a label (the Job controller's ``controller-uid``): a job
+re-created under the same name has another UID, so the operator never mistakes the old job's
+children, still terminating, for its own. No kopf, no API client: handlers create these.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from kubetune.operator.settings import OperatorSettings
 
 RENDEZVOUS_PORT = 29500
 JOB_NAME_LABEL = "kubetune.dev/job-name"
+JOB_UID_LABEL = "kubetune.dev/job-uid"
 REPLICA_INDEX_LABEL = "kubetune.dev/replica-index"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetune"
@@ -36,19 +39,28 @@ def pod_name(job_name: str, index: int) -> str:
     return f"{job_name}-worker-{index}"
 
 
-def selector_labels(job_name: str) -> dict[str, str]:
-    """Labels that find every child of one job (Service selector, pod listing)."""
-    return {JOB_NAME_LABEL: job_name}
+def selector_labels(job: JobRef) -> dict[str, str]:
+    """Labels that find every child of one job, and only of this one (not of an earlier job
+    of the same name): the Service's selector, the operator's pod index."""
+    return {JOB_UID_LABEL: job.uid}
 
 
-def common_labels(job_name: str, component: str) -> dict[str, str]:
+def common_labels(job: JobRef, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "kubetune",
-        "app.kubernetes.io/instance": job_name,
+        "app.kubernetes.io/instance": job.name,
         "app.kubernetes.io/component": component,
         MANAGED_BY_LABEL: MANAGED_BY,
-        **selector_labels(job_name),
+        JOB_NAME_LABEL: job.name,  # for people: kubectl get pods -l kubetune.dev/job-name=NAME
+        **selector_labels(job),
     }
+
+
+def owned_by(child: dict[str, Any], uid: str) -> bool:
+    """Whether ``child`` is controlled by the job with ``uid``."""
+    return any(
+        ref.get("controller") and ref.get("uid") == uid for ref in (child.get("metadata") or {}).get("ownerReferences") or []
+    )
 
 
 def owner_reference(job: JobRef) -> dict[str, Any]:
@@ -66,7 +78,7 @@ def _metadata(job: JobRef, name: str, component: str, **extra_labels: str) -> di
     return {
         "name": name,
         "namespace": job.namespace,
-        "labels": {**common_labels(job.name, component), **extra_labels},
+        "labels": {**common_labels(job, component), **extra_labels},
         "ownerReferences": [owner_reference(job)],
     }
 
@@ -95,7 +107,7 @@ def build_service(job: JobRef) -> dict[str, Any]:
         "metadata": _metadata(job, service_name(job.name), "worker"),
         "spec": {
             "clusterIP": "None",
-            "selector": selector_labels(job.name),
+            "selector": selector_labels(job),
             # Workers must find each other before they report Ready.
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rdzv", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],

@@ -60,15 +60,29 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def initial_status(generation: int, now: datetime) -> dict[str, Any]:
-    """Status right after the operator created a job's children."""
+def initial_status(generation: int, now: datetime, launched: dict[str, Any]) -> dict[str, Any]:
+    """Status right after the operator created a job's children; ``launched`` records what."""
     return _assemble(
         phase="Pending",
         message="worker pods created; waiting for all of them to run",
         generation=generation,
         created=True,
         counts={"active": 0, "succeeded": 0, "failed": 0},
-        previous={},
+        previous={"launched": launched},
+        now=now,
+    )
+
+
+def waiting_status(previous: dict[str, Any] | None, generation: int, message: str, now: datetime) -> dict[str, Any]:
+    """Pending on something outside the job, such as a child of an earlier job of the same name."""
+    previous = previous or {}
+    return _assemble(
+        phase="Pending",
+        message=message,
+        generation=generation,
+        created=_was_created(previous),
+        counts=previous.get("workers") or {"active": 0, "succeeded": 0, "failed": 0},
+        previous=previous,
         now=now,
     )
 
@@ -236,6 +250,8 @@ def _assemble(
         "conditions": conditions,
         "workers": counts,
     }
+    if previous.get("launched"):
+        status["launched"] = previous["launched"]
     start = previous.get("startTime") or (stamp if phase in ("Running", "Succeeded") else None)
     if start:
         status["startTime"] = start
