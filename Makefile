@@ -43,7 +43,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --upgrade >/dev/null  # a venv made by uv has no pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	DS_BUILD_OPS=0 VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install --quiet $(UV_FLAGS) -e '.[test]'
+	DS_BUILD_OPS=0 VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install --quiet $(UV_FLAGS) -e '.[dev]'
 	touch $@
 
 demo: install ## Start the local cluster, run examples/quickstart.yaml to Succeeded, stop everything.

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from botocore.config import Config
 
-from kubetune.demo import (
+from kubetune.cli.demo import (
     DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Kubectl, create_credentials_secret, find_repo_root,
     follow_job, install_crd, local_cluster, running_operator, upload_demo_data,
 )

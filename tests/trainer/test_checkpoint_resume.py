@@ -1,6 +1,6 @@
 """Checkpoints and exact resume: torchrun, 2 CPU processes, DeepSpeed ZeRO, real S3 (moto).
 
-A run whose rank 0 dies hard after step 7 (KUBETUNE_FAULT_AFTER_STEP) and is then started
+A run whose rank 0 dies hard after step 7 (faulty_recipe.py, a subclass of the recipe) and is then started
 again must produce the same per-step losses and eval loss as a run that was never interrupted:
 model, optimizer, LR schedule, data position and RNG (LoRA dropout is on) all come back.
 """
@@ -34,11 +34,14 @@ def _config(name: str, moto_endpoint: str, assets: dict[str, str], zero_stage: i
     }
 
 
-def _run(config: dict, tmp_path: Path, s3_env: dict[str, str], port: int, **env: str):
+def _run(config: dict, tmp_path: Path, s3_env: dict[str, str], port: int, die_after_step: int | None = None):
     path = tmp_path / f"{config['output']['adapterUri'].split('/')[-2]}-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return run_torchrun(path, {**s3_env, "KUBETUNE_WORKDIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", **env},
-                        master_port=port)
+    env = {**s3_env, "KUBETUNE_WORKDIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
+    if die_after_step is None:
+        return run_torchrun(path, env, master_port=port)
+    return run_torchrun(path, {**env, "FAULT": "exit", "FAULT_AFTER_STEP": str(die_after_step)}, master_port=port,
+                        entry=(str(Path(__file__).with_name("faulty_recipe.py")),))
 
 
 def _manifest(s3_client, name: str) -> dict:
@@ -78,7 +81,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_losses(
     #    6 was still uploading or unmarked. Nothing is published.
     config = _config(resumed, moto_endpoint, uploaded_assets, zero_stage,
                      checkpointUri=f"s3://ckpt/{resumed}/", checkpointEverySteps=2, keepCheckpoints=2)
-    killed = _run(config, tmp_path, s3_env, unused_port(), KUBETUNE_FAULT_AFTER_STEP="7")
+    killed = _run(config, tmp_path, s3_env, unused_port(), die_after_step=7)
     assert killed.returncode != 0, killed.stdout[-3000:]
     assert "step=7/12" in killed.stdout and "step=8/12" not in killed.stdout
     assert "manifest.json" not in str(s3_client.list_objects_v2(Bucket="adapters", Prefix=f"{resumed}/"))

@@ -13,7 +13,7 @@ import torch
 
 from kubetune.api.trainer_config import parse_config
 from kubetune.trainer.data import IGNORE_INDEX, Example, collate
-from kubetune.trainer.train import StepPlan, Topology, _train_loop, deepspeed_config
+from kubetune.trainer.train import LoRAFineTuneRecipe, StepPlan, deepspeed_config
 
 LEARNING_RATE = 0.5
 
@@ -73,9 +73,10 @@ def test_one_step_descends_the_token_mean_of_the_global_batch(process_group, tin
     before = _lora(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config, 1))
-    topology = Topology(rank=0, world_size=1, local_rank=0, node_rank=0)
-
-    progress = _train_loop(engine, config, topology, torch.device("cpu"), 0, data, StepPlan(1, 1), None)
+    recipe = LoRAFineTuneRecipe(config)  # set up by hand: this engine, these four examples, one step
+    recipe.engine, recipe.train_set, recipe.plan, recipe.pad_id = engine, data, StepPlan(1, 1), 0
+    recipe.train()
+    progress = recipe.progress
     moved = {name: value - before[name] for name, value in _lora(engine.module).items()}
 
     # The reference: one batch of all four examples, HF's own loss (the mean over all tokens).

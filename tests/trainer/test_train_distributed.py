@@ -36,11 +36,13 @@ METRIC_NAMES = [
 ]
 
 
-def run_torchrun(config_path: Path, env: dict[str, str], master_port: int, timeout: int = 540) -> subprocess.CompletedProcess:
-    """torchrun in its own process group, which is killed afterwards whatever happens."""
+def run_torchrun(config_path: Path, env: dict[str, str], master_port: int, timeout: int = 540,
+                 entry: tuple[str, ...] = ("-m", "kubetune.trainer")) -> subprocess.CompletedProcess:
+    """torchrun in its own process group, which is killed afterwards whatever happens;
+    ``entry`` is what it starts (a module, or a script of the tests)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nnodes=1", "--nproc-per-node=2", f"--master-port={master_port}",
-               "-m", "kubetune.trainer", "--config", str(config_path)]
+               *entry, "--config", str(config_path)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -211,6 +213,36 @@ def test_a_bad_dataset_fails_the_job_with_the_line_and_field_named(
         f"kubetune-trainer: error: {uploaded_assets['train']} line 1: field 'body' is missing "
         "(set dataset.textField" in result.stdout
     ), result.stdout[-3000:]
+
+
+@pytest.mark.timeout(600)
+def test_a_hung_rank_ends_the_others_within_the_collective_timeout(
+    uploaded_assets: dict[str, str], s3_env: dict[str, str], moto_endpoint: str, tmp_path: Path, unused_port,
+) -> None:
+    # Rank 1 stops answering after step 2; rank 0 waits in the next collective. Without a
+    # timeout of its own it would wait torch's default half hour, holding its CPUs or GPUs.
+    config = {
+        "schemaVersion": 1,
+        "model": {"uri": uploaded_assets["model"]},
+        "dataset": {"uri": uploaded_assets["train"], "format": "text"},
+        "training": {"microBatchSize": 8, "globalBatchSize": 16, "sequenceLength": 64, "maxSteps": 6},
+        "output": {"adapterUri": "s3://adapters/hung/"},
+        "storage": {"endpoint": moto_endpoint},
+        "metrics": {"port": 0},
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**s3_env, "KUBETUNE_WORKDIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1",
+           "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS": "20", "FAULT": "hang", "FAULT_RANK": "1", "FAULT_AFTER_STEP": "2"}
+
+    result = run_torchrun(config_path, env, master_port=unused_port(), timeout=400,
+                          entry=(str(Path(__file__).with_name("faulty_recipe.py")),))
+
+    assert result.returncode not in (0, None), result.stdout[-3000:]  # ended by itself, did not time out here
+    assert "rank 1: fault hang after step 2" in result.stdout and "step=3/6" not in result.stdout
+    # The survivor says what happened in one line (its termination message), not a traceback.
+    assert ("kubetune-trainer: error: a collective operation found no answer from the other workers within "
+            "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS (20s)") in result.stdout, result.stdout[-3000:]
 
 
 def _value(body: str, name: str) -> float:

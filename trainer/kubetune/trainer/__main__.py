@@ -19,7 +19,8 @@ from kubetune.trainer import termination
 from kubetune.trainer.errors import TrainerError
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, recipe: type | None = None) -> int:
+    """``recipe``: a subclass of the LoRA recipe to run instead (the tests' fault injection)."""
     parser = argparse.ArgumentParser(
         prog="python -m kubetune.trainer",
         description="Fine-tune a LoRA adapter as one worker of a kubetune FineTuneJob (run under torchrun).",
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         from kubetune.trainer.train import run
 
-        results = run(config)
+        results = run(config, recipe)
     except (TrainerError, InvalidObjectError) as exc:
         print(f"kubetune-trainer: error: {exc}", file=sys.stderr, flush=True)
         termination.write(termination.failure_message(str(exc)))

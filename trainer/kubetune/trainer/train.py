@@ -12,10 +12,10 @@ Every worker pod of a FineTuneJob runs this. Launch commands (the operator rende
           --master-addr=<job>-worker-0.<job>-workers --master-port=29500 \\
           -m kubetune.trainer --config /etc/kubetune/config.yaml
 
-The recipe, top to bottom:
+The recipe (``LoRAFineTuneRecipe``, one method per stage, in this order):
 
-  setup    read + check the config (before any network, so mistakes fail fast)
-           -> join the process group (gloo on CPU, nccl on GPU)
+  __init__ read + check the config (before any network, so mistakes fail fast)
+  setup    join the process group (gloo on CPU, nccl on GPU; collectives time out in minutes)
            -> every node's local rank 0 downloads model + data (pods share no filesystem)
            -> load model and tokenizer, wrap with LoRA -> tokenize -> DeepSpeed engine
            -> with output.checkpointUri: resume from the newest complete checkpoint
@@ -24,11 +24,13 @@ The recipe, top to bottom:
            steps the optimizer; stops at maxSteps; rank 0 logs and updates /metrics;
            evaluates at each epoch end; checkpoints every checkpointEverySteps, at epoch ends
            and at the end (uploads in the background)
-  gate     final evaluation; above qualityGate.maxEvalLoss every rank exits 1, nothing published
-  save     gather the LoRA weights (ZeRO-3 shards them) -> save_pretrained on rank 0
+  finish_training  final evaluation; above qualityGate.maxEvalLoss every rank exits 1, nothing published
+  save_adapter     gather the LoRA weights (ZeRO-3 shards them) -> save_pretrained on rank 0
   publish  rank 0 stages adapter + tokenizer beside adapterUri, verifies, copies them in,
            then writes manifest.json last (publish.py)
-  cleanup  barrier, leave the process group, remove the downloads
+  cleanup  leave the process group, remove the downloads
+
+``on_step_end`` is called after every optimizer step: the tests' fault injection subclasses it.
 
 GPU path: with CUDA visible, each process takes ``cuda:LOCAL_RANK``, the backend is nccl and
 ``precision: auto`` means bf16. It is written to the same DeepSpeed API as the CPU path but
@@ -37,7 +39,6 @@ only the CPU path runs in this project's CI (tests marked ``gpu`` cover the rest
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -47,6 +48,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -77,207 +79,29 @@ class Topology:
         return self.local_rank == 0
 
 
-def run(config: TrainerConfig | str | Path) -> dict[str, Any] | None:
-    """Train and publish per ``config`` (or the file it names); rank 0 returns the results."""
-    # ---- Setup 1: config and topology (no network yet: wrong configs fail in milliseconds)
+def run(config: TrainerConfig | str | Path, recipe: type[LoRAFineTuneRecipe] | None = None) -> dict[str, Any] | None:
+    """Train and publish per ``config`` (or the file it names); rank 0 returns the results.
+    ``recipe`` is a subclass to run instead (tests inject faults through its hooks)."""
     if not isinstance(config, TrainerConfig):
         config = load_config(config)
-    topo = _topology_from_env()
-    _configure_logging(topo)
-    accumulation = gradient_accumulation_steps(config, topo.world_size)
-    device = _pick_device(topo)
-    _check_precision(config, device)
-    _respect_omp_num_threads()
-
-    # Imported here, not at the top: it takes seconds and probes for accelerators.
-    import deepspeed
-
-    _configure_logging(topo)  # again: importing deepspeed resets its logger to INFO
-    metrics = _start_metrics(config, topo)
-
-    # ---- Setup 2: join the process group. nccl for GPUs; gloo is the CPU backend.
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    runner = (recipe or LoRAFineTuneRecipe)(config)
     try:
-        results = _train_and_publish(config, topo, device, accumulation, metrics)
+        runner.setup()
+        runner.train()
+        runner.finish_training()
+        runner.save_adapter()
+        return runner.publish()
+    except RuntimeError as error:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        seconds = int(collective_timeout().total_seconds())
+        raise TrainerError(
+            f"a collective operation found no answer from the other workers within "
+            f"KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS ({seconds}s): another worker died or stopped answering; "
+            f"its pod's log says why ({str(error).splitlines()[0][:200]})"
+        ) from None
     finally:
-        # ---- Cleanup: leave the process group even on failure so torchrun sees a clean exit code.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return results
-
-
-def _train_and_publish(
-    config: TrainerConfig, topo: Topology, device: torch.device, accumulation: int, metrics: Any
-) -> dict[str, Any] | None:
-    import deepspeed
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from transformers.utils import logging as hf_logging
-
-    from kubetune.trainer.data import prepare_datasets
-    from kubetune.trainer.publish import publish_adapter
-    from kubetune.trainer.s3 import make_client
-
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per rank is noise in pod logs
-    workdir = _workdir(config, topo)
-    model_dir, data_path = workdir / "model", workdir / "data" / "train.jsonl"
-    s3 = make_client(config.storage)
-
-    # ---- Setup 3: download. Pods share no filesystem, so the first process of EVERY node
-    # downloads; the others wait at the barrier (which also waits for all nodes).
-    if topo.is_node_main:
-        _download_inputs(s3, config, model_dir, data_path)
-    torch.distributed.barrier()
-
-    # ---- Setup 4: tokenizer and data first: a bad dataset fails before the model loads.
-    # Every rank tokenizes the whole file (cheap next to training) and later takes its own
-    # share of each epoch's batches.
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss anyway
-    datasets = prepare_datasets(
-        data_path,
-        _validation_path(data_path) if config.dataset.validation_uri else None,
-        tokenizer,
-        config.dataset,
-        config.training.sequence_length,
-        config.training.seed,
-    )
-    if topo.is_main:
-        for note in datasets.notes:  # truncated / dropped examples, counted
-            log.info("%s", note)
-    train_set, validation_set = datasets.train, datasets.validation
-    plan = _plan_steps(config, topo, train_set, accumulation)
-
-    # ---- Setup 5: model wrapped with LoRA. Same seed everywhere: identical LoRA init.
-    set_seed(config.training.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_load_dtype(config, device))
-    model.config.use_cache = False  # training never reuses the KV cache
-    if config.training.gradient_checkpointing:
-        # With the base model frozen no input of a checkpointed block requires grad, and the
-        # reentrant variant would then drop the LoRA gradients: non-reentrant, plus embeddings
-        # whose output requires grad (PEFT's own recipe).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = config.lora
-    try:
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
-    except ValueError as exc:
-        raise TrainerError(f"lora.targetModules {list(lora.target_modules)}: {exc}") from None
-
-    # ---- Setup 6: DeepSpeed engine around the LoRA model with a torch AdamW over the
-    # trainable (LoRA) parameters only; linear warm-up then cosine decay. The scheduler goes
-    # to deepspeed.initialize so its state is in every checkpoint (resume continues the curve).
-    from kubetune.trainer.schedule import lr_lambda
-
-    training = config.training
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(training.warmup_steps, plan.total_steps, training.learning_rate, training.min_learning_rate)
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(config, topo.world_size),
-    )
-    pad_id = tokenizer.pad_token_id
-    if metrics:
-        metrics.total_steps.set(plan.total_steps)
-    on_upload = metrics.checkpoint_upload_seconds.observe if metrics else None
-
-    # ---- Setup 7: resume from the newest complete checkpoint, if checkpoints are on.
-    checkpointer, resumed = None, None
-    if config.output.checkpoint_uri:
-        from kubetune.trainer.checkpoint import Checkpointer, local_world_size
-
-        checkpointer = Checkpointer(
-            s3, config.output.checkpoint_uri, config.output.keep_checkpoints, workdir / "checkpoints",
-            topo.rank, topo.local_rank, local_world_size(), on_upload=on_upload,
-        )
-        resumed = checkpointer.resume(engine)
-
-    if resumed is None:
-        initial_eval = _evaluate(engine, validation_set, config, topo, device, pad_id)
-    else:
-        initial_eval = resumed.trainer_state.get("initialEvalLoss")
-    if metrics and initial_eval is not None:
-        metrics.eval_loss.set(initial_eval)
-    if topo.is_main:
-        log.info(
-            "start job=%s/%s world_size=%d zero_stage=%d steps=%d accumulation=%d train_examples=%d "
-            "validation_examples=%d from_step=%d",
-            config.job.namespace, config.job.name, topo.world_size, config.deepspeed.zero_stage,
-            plan.total_steps, accumulation, len(train_set), len(validation_set),
-            resumed.position.step if resumed else 0,
-        )
-
-    # ---- Train (evaluating at each epoch end, checkpointing as configured)
-    evaluate = functools.partial(_evaluate, engine, validation_set, config, topo, device, pad_id)
-    progress = _train_loop(
-        engine, config, topo, device, pad_id, train_set, plan, metrics,
-        checkpointer=checkpointer, resumed=resumed, evaluate=evaluate, initial_eval=initial_eval,
-    )
-    final_eval = evaluate()
-    if metrics and final_eval is not None:
-        metrics.eval_loss.set(final_eval)
-    if checkpointer:
-        checkpointer.finish()
-    if topo.is_main and final_eval is not None:
-        log.info("final eval_loss=%.6f", final_eval)
-    _check_quality_gate(config, final_eval)
-
-    # ---- Save: under ZeRO-3 each rank holds a slice of every LoRA tensor; all ranks must
-    # enter GatheredParameters (a collective), then rank 0 writes full tensors.
-    adapter_dir = workdir / "adapter"
-    lora_params = [p for name, p in engine.module.named_parameters() if "lora_" in name]
-    with deepspeed.zero.GatheredParameters(lora_params, enabled=config.deepspeed.zero_stage == 3):
-        if any(p.numel() == 0 for p in lora_params):  # would publish an adapter of empty tensors
-            raise RuntimeError("LoRA parameters are still partitioned at save time")
-        if topo.is_main:
-            engine.module.save_pretrained(adapter_dir, safe_serialization=True)
-            tokenizer.save_pretrained(adapter_dir)
-
-    # ---- Publish (rank 0): adapter files first, manifest.json last.
-    results = None
-    if topo.is_main:
-        results = {
-            "steps": progress.steps,
-            "totalSteps": plan.total_steps,
-            "epochs": progress.epoch,
-            "initialLoss": progress.first_loss,
-            "finalLoss": progress.last_loss,
-            "initialEvalLoss": initial_eval,
-            "evalLoss": final_eval,
-            "evalHistory": progress.evals,
-            "lossHistory": progress.history,
-            "tokens": progress.tokens,
-            "positions": progress.positions,
-            "trainSeconds": round(progress.seconds, 3),
-            "worldSize": topo.world_size,
-            "resumedFromStep": resumed.position.step if resumed else None,
-        }
-        publish_adapter(s3, adapter_dir, config, results)
-        log.info(
-            "done steps=%d final_loss=%.4f eval_loss=%s adapter=%s",
-            progress.steps, progress.last_loss, _fmt(final_eval), config.output.adapter_uri,
-        )
-
-    # ---- Cleanup: nobody leaves before the adapter is published, then drop the downloads.
-    torch.distributed.barrier()
-    if topo.is_node_main:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return results
+        runner.cleanup()
 
 
 @dataclass(frozen=True)
@@ -311,156 +135,388 @@ class Progress:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
-        return cls(state["steps"], state["epoch"], state["tokens"], state.get("positions", 0), state["seconds"],
+        return cls(state["steps"], state["epoch"], state["tokens"], state["positions"], state["seconds"],
                    state["firstLoss"], state["lastLoss"], list(state["history"]), list(state["evals"]))
 
 
-def _check_quality_gate(config: TrainerConfig, eval_loss: float | None) -> None:
-    """Every rank raises the same error, so every worker exits 1 with the reason."""
-    gate = config.quality_gate.max_eval_loss
-    if gate is not None and eval_loss is not None and eval_loss > gate:
-        raise TrainerError(f"eval loss {eval_loss:.4f} > qualityGate.maxEvalLoss {gate:g}: adapter not published")
+class LoRAFineTuneRecipe:
+    """One process of a LoRA fine-tune: PEFT adapters trained with DeepSpeed ZeRO.
 
+    Read top to bottom, as ``run`` calls it: ``setup`` (process group, downloads, data, model
+    with LoRA, DeepSpeed engine, resume), ``train`` (epochs of optimizer steps: log, evaluate at
+    epoch ends, checkpoint), ``finish_training`` (final evaluation, quality gate),
+    ``save_adapter``, ``publish`` (rank 0), ``cleanup``. Each part is a method of its own; the
+    state they share (engine, data, progress) lives on the instance.
+    """
 
-def _train_loop(
-    engine: Any,
-    config: TrainerConfig,
-    topo: Topology,
-    device: torch.device,
-    pad_id: int,
-    train_set: list,
-    plan: StepPlan,
-    metrics: Any,
-    *,
-    checkpointer: Any = None,
-    resumed: Any = None,
-    evaluate: Any = lambda: None,
-    initial_eval: float | None = None,
-) -> Progress:
-    from kubetune.trainer.checkpoint import Position
-    from kubetune.trainer.loss import next_token_loss, output_layer, trained_tokens_all_ranks
+    def __init__(self, config: TrainerConfig) -> None:
+        # ---- Setup 1: config and topology (no network yet: wrong configs fail in milliseconds)
+        self.config = config
+        self.topo = _topology_from_env()
+        _configure_logging(self.topo)
+        self.accumulation = gradient_accumulation_steps(config, self.topo.world_size)
+        self.device = _pick_device(self.topo)
+        _check_precision(config, self.device)
+        _respect_omp_num_threads()
+        self.workdir = _workdir(config, self.topo)
+        self.metrics: Any = None
+        self.checkpointer: Any = None
+        self.resumed: Any = None
+        self.validation_set: list = []
+        self.initial_eval: float | None = None
+        self.final_eval: float | None = None
+        self.progress = Progress()
 
-    training = config.training
-    head = output_layer(engine.module)
-    accumulation = engine.gradient_accumulation_steps()
-    every = config.output.checkpoint_every_steps
-    fault_step = int(os.environ.get("KUBETUNE_FAULT_AFTER_STEP", "0"))  # tests only: rank 0 dies hard
-    progress = Progress.from_state(resumed.trainer_state) if resumed else Progress()
-    start = resumed.position if resumed else Position(0, 0, 0)
-    # Sums since the last log line: [summed loss, trained tokens, real tokens, token
-    # positions incl. padding, examples]. Checkpoints of older trainers kept only 3.
-    saved = list(resumed.rank_state["window"]) if resumed else []
-    window = torch.tensor(saved + [0.0] * (5 - len(saved)), dtype=torch.float64)
-    bar = progress_bar(plan.total_steps, progress.steps, enabled=topo.is_main)
-    lr = grad_norm = None
-    window_start = started = time.perf_counter()
-    seconds_before = progress.seconds
-    engine.train()
-    for epoch in range(start.epoch, training.epochs):
-        if progress.steps >= plan.total_steps:
-            break
-        # 1. This epoch's micro-batches for this rank: same count on every rank, a multiple
+    # ---- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from kubetune.trainer.s3 import make_client
+
+        self._join_process_group()
+        self.s3 = make_client(self.config.storage)
+        self._download()
+        self._load_data()
+        self._build_engine(self._load_model())
+        self._resume()
+
+    def _join_process_group(self) -> None:
+        # Imported here, not at the top: it takes seconds and probes for accelerators.
+        import deepspeed
+
+        _configure_logging(self.topo)  # again: importing deepspeed resets its logger to INFO
+        self.metrics = _start_metrics(self.config, self.topo)
+        # nccl for GPUs, gloo on CPUs. A timeout of minutes, not torch's half hour: a rank that
+        # died leaves the others blocked in a collective, and they should fail while a restart helps.
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+                                   timeout=collective_timeout())
+
+    def _download(self) -> None:
+        """Pods share no filesystem, so the first process of EVERY node downloads; the others
+        wait at the barrier (which also waits for all nodes)."""
+        self.model_dir, self.data_path = self.workdir / "model", self.workdir / "data" / "train.jsonl"
+        if self.topo.is_node_main:
+            _download_inputs(self.s3, self.config, self.model_dir, self.data_path)
+        torch.distributed.barrier()
+
+    def _load_data(self) -> None:
+        """Tokenizer and data before the model: a bad dataset fails before the model loads.
+        Every rank tokenizes the whole file (cheap next to training) and later takes its own
+        share of each epoch's batches."""
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from kubetune.trainer.data import prepare_datasets
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per rank is noise in pod logs
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # padding is masked out of the loss anyway
+        self.pad_id = self.tokenizer.pad_token_id
+        config = self.config
+        datasets = prepare_datasets(
+            self.data_path, _validation_path(self.data_path) if config.dataset.validation_uri else None,
+            self.tokenizer, config.dataset, config.training.sequence_length, config.training.seed,
+        )
+        if self.topo.is_main:
+            for note in datasets.notes:  # truncated / dropped examples, counted
+                log.info("%s", note)
+        self.train_set, self.validation_set = datasets.train, datasets.validation
+        self.plan = _plan_steps(config, self.topo, self.train_set, self.accumulation)
+
+    def _load_model(self) -> Any:
+        """The base model wrapped with LoRA. Same seed everywhere: identical LoRA init."""
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, set_seed
+
+        config = self.config
+        set_seed(config.training.seed)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_load_dtype(config, self.device))
+        model.config.use_cache = False  # training never reuses the KV cache
+        if config.training.gradient_checkpointing:
+            # With the base model frozen no input of a checkpointed block requires grad, and the
+            # reentrant variant would then drop the LoRA gradients: non-reentrant, plus embeddings
+            # whose output requires grad (PEFT's own recipe).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        lora = config.lora
+        try:
+            return get_peft_model(model, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+            ))
+        except ValueError as exc:
+            raise TrainerError(f"lora.targetModules {list(lora.target_modules)}: {exc}") from None
+
+    def _build_engine(self, model: Any) -> None:
+        """DeepSpeed around the LoRA model, with a torch AdamW over the trainable (LoRA)
+        parameters only and linear warm-up then cosine decay. The scheduler goes to
+        deepspeed.initialize so its state is in every checkpoint (resume continues the curve)."""
+        import deepspeed
+
+        from kubetune.trainer.schedule import lr_lambda
+
+        training = self.config.training
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+            training.warmup_steps, self.plan.total_steps, training.learning_rate, training.min_learning_rate))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.config, self.topo.world_size),
+        )
+        if self.metrics:
+            self.metrics.total_steps.set(self.plan.total_steps)
+
+    def _resume(self) -> None:
+        """From the newest complete checkpoint, if checkpoints are on; else evaluate the base."""
+        output, topo = self.config.output, self.topo
+        if output.checkpoint_uri:
+            from kubetune.trainer.checkpoint import Checkpointer, local_world_size
+
+            on_upload = self.metrics.checkpoint_upload_seconds.observe if self.metrics else None
+            self.checkpointer = Checkpointer(
+                self.s3, output.checkpoint_uri, output.keep_checkpoints, self.workdir / "checkpoints",
+                topo.rank, topo.local_rank, local_world_size(), on_upload=on_upload,
+            )
+            self.resumed = self.checkpointer.resume(self.engine)
+        if self.resumed is None:
+            self.initial_eval = self.evaluate()
+        else:
+            self.initial_eval = self.resumed.trainer_state["initialEvalLoss"]
+            self.progress = Progress.from_state(self.resumed.trainer_state)
+        if self.metrics and self.initial_eval is not None:
+            self.metrics.eval_loss.set(self.initial_eval)
+        if topo.is_main:
+            log.info(
+                "start job=%s/%s world_size=%d zero_stage=%d steps=%d accumulation=%d train_examples=%d "
+                "validation_examples=%d from_step=%d",
+                self.config.job.namespace, self.config.job.name, topo.world_size, self.config.deepspeed.zero_stage,
+                self.plan.total_steps, self.accumulation, len(self.train_set), len(self.validation_set),
+                self.progress.steps,
+            )
+
+    # ---- train -------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Epochs of micro-batches; DeepSpeed accumulates them into optimizer steps."""
+        from kubetune.trainer.checkpoint import Position
+
+        start = self.resumed.position if self.resumed else Position(0, 0, 0)
+        # Sums since the last log line: [summed loss, trained tokens, real tokens, token
+        # positions incl. padding, examples].
+        self.window = torch.tensor(self.resumed.rank_state["window"] if self.resumed else [0.0] * 5,
+                                   dtype=torch.float64)
+        self.bar = progress_bar(self.plan.total_steps, self.progress.steps, enabled=self.topo.is_main)
+        self.lr: float | None = None
+        self.window_start = self.started = time.perf_counter()
+        self.seconds_before = self.progress.seconds
+        self.engine.train()
+        try:
+            for epoch in range(start.epoch, self.config.training.epochs):
+                if self.progress.steps >= self.plan.total_steps or self._train_epoch(epoch, start):
+                    break
+        finally:
+            self.bar.close()
+            self.progress.seconds = self.seconds_before + time.perf_counter() - self.started
+
+    def _train_epoch(self, epoch: int, start: Any) -> bool:
+        """One epoch (from the saved batch, when resuming into it); True when maxSteps is reached."""
+        from kubetune.trainer.loss import output_layer, trained_tokens_all_ranks
+
+        # 1. This epoch's micro-batches for this rank: the same count on every rank, a multiple
         #    of the accumulation steps so every optimizer step is complete. They depend only
         #    on (seed, epoch), so a resumed run skips to its saved batch index.
-        batches = _epoch_batches(config, topo, train_set, epoch)[: plan.steps_per_epoch * accumulation]
-        first = start.batch if epoch == start.epoch else 0
-        for index in range(first, len(batches)):
-            if index % accumulation == 0:  # an optimizer step begins: how many tokens it trains
-                step_tokens = trained_tokens_all_ranks(batches[index : index + accumulation])
-            inputs = {k: v.to(device) for k, v in batches[index].tensors(pad_id).items()}
-            # 2. Forward: summed cross-entropy over the trained tokens, with the output layer
-            #    run on those positions only (loss.py). No KV cache: with one, HF ignores packed
-            #    rows' position_ids and lets the examples of a row attend to each other.
-            summed, trained = next_token_loss(engine, head, inputs)
-            boundary = engine.is_gradient_accumulation_boundary()
-            # 3. Backward and step: DeepSpeed divides by the accumulation steps and averages
-            #    over ranks (ZeRO shards the gradients), so this scale makes the gradient that of
-            #    the mean over every token of the global batch: a micro-batch of short examples
-            #    weighs what its tokens weigh, as in HF's Trainer. It then clips to
-            #    gradientClipping and steps AdamW + the LR schedule at accumulation boundaries.
-            engine.backward(summed * (accumulation * topo.world_size / step_tokens))
-            if boundary:
-                lr = engine.get_lr()[0]  # before step(): the rate this step uses, not the next one's
-            engine.step()
-            window += torch.tensor(
-                [summed.item(), float(trained), float(batches[index].tokens), float(inputs["input_ids"].numel()),
-                 float(len(batches[index].examples))],
-                dtype=torch.float64,
-            )
-            if (index + 1) % accumulation:
+        batches = _epoch_batches(self.config, self.topo, self.train_set, epoch)[
+            : self.plan.steps_per_epoch * self.accumulation]
+        head = output_layer(self.engine.module)
+        for index in range(start.batch if epoch == start.epoch else 0, len(batches)):
+            if index % self.accumulation == 0:  # an optimizer step begins: how many tokens it trains
+                self.step_tokens = trained_tokens_all_ranks(batches[index : index + self.accumulation])
+            self._micro_batch(head, batches[index])
+            if (index + 1) % self.accumulation:
                 continue
-            grad_norm = engine.get_global_grad_norm()
-            progress.steps += 1
-            bar.update(1)
-            progress.epoch = epoch + (index + 1) / len(batches)
-            last = progress.steps == plan.total_steps
-            epoch_end = index + 1 == len(batches)
-            # 4. Log every logEverySteps (and at the end): mean loss over all ranks since the
-            #    last line. The all_reduce is collective, so every rank takes this branch.
-            if progress.steps % training.log_every_steps == 0 or last:
-                torch.distributed.all_reduce(window)
-                now = time.perf_counter()
-                mean_loss = float(window[0] / max(window[1], 1.0))
-                elapsed = max(now - window_start, 1e-9)
-                tokens_per_second = float(window[2]) / elapsed
-                padded_tokens_per_second = float(window[3]) / elapsed
-                samples_per_second = float(window[4]) / elapsed
-                grad_norm = None if grad_norm is None else float(grad_norm)
-                progress.tokens += int(window[2])
-                progress.positions += int(window[3])
-                progress.first_loss = mean_loss if progress.first_loss is None else progress.first_loss
-                progress.last_loss = mean_loss
-                progress.history.append([progress.steps, mean_loss])
-                if topo.is_main:
-                    log.info(
-                        "step=%d/%d epoch=%.2f loss=%.4f lr=%.6g grad_norm=%s tokens_per_s=%.1f "
-                        "padded_tokens_per_s=%.1f samples_per_s=%.2f",
-                        progress.steps, plan.total_steps, progress.epoch, mean_loss, lr,
-                        _fmt(grad_norm), tokens_per_second, padded_tokens_per_second, samples_per_second,
-                    )
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", refresh=False)
-                if metrics:
-                    metrics.step.set(progress.steps)
-                    metrics.epoch.set(progress.epoch)
-                    metrics.loss.set(mean_loss)
-                    metrics.learning_rate.set(lr)
-                    if grad_norm is not None:
-                        metrics.grad_norm.set(grad_norm)
-                    metrics.tokens_per_second.set(tokens_per_second)
-                    metrics.padded_tokens_per_second.set(padded_tokens_per_second)
-                    metrics.samples_per_second.set(samples_per_second)
-                    if metrics.gpu_memory_bytes is not None:
-                        metrics.gpu_memory_bytes.set(torch.cuda.max_memory_allocated(device))
-                window.zero_()
-                window_start = now
-            # 5. Evaluate at each epoch end (the final evaluation follows the loop).
-            if epoch_end and not last:
-                eval_loss = evaluate()
-                if eval_loss is not None:
-                    if metrics:
-                        metrics.eval_loss.set(eval_loss)
-                    progress.evals.append({"epoch": epoch + 1, "step": progress.steps, "evalLoss": eval_loss})
-                    if topo.is_main:
-                        log.info("epoch=%d step=%d eval_loss=%.4f", epoch + 1, progress.steps, eval_loss)
-            # 6. Checkpoint every checkpointEverySteps, at each epoch end and at the end; the
-            #    upload runs in the background.
-            if checkpointer and (epoch_end or last or (every and progress.steps % every == 0)):
-                progress.seconds = seconds_before + time.perf_counter() - started
-                position = Position(progress.steps, epoch + 1, 0) if epoch_end else Position(progress.steps, epoch, index + 1)
-                checkpointer.save(engine, position, progress.to_state(initial_eval), {"window": window.tolist()})
-            if fault_step and progress.steps == fault_step and topo.is_main:
-                log.warning("KUBETUNE_FAULT_AFTER_STEP=%d: rank 0 exits hard now", fault_step)
-                logging.shutdown()
-                os._exit(3)
-            # 7. Stop at maxSteps, possibly mid-epoch.
-            if last:
-                break
-        else:
-            continue
-        break  # maxSteps reached mid-epoch
-    bar.close()
-    progress.seconds = seconds_before + time.perf_counter() - started
-    return progress
+            if self._after_optimizer_step(epoch, index, len(batches)):
+                return True
+        return False
+
+    def _micro_batch(self, head: Any, batch: Any) -> None:
+        from kubetune.trainer.loss import next_token_loss
+
+        inputs = {k: v.to(self.device) for k, v in batch.tensors(self.pad_id).items()}
+        # 2. Forward: summed cross-entropy over the trained tokens, with the output layer run on
+        #    those positions only (loss.py). No KV cache: with one, HF ignores packed rows'
+        #    position_ids and lets the examples of a row attend to each other.
+        summed, trained = next_token_loss(self.engine, head, inputs)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        # 3. Backward and step: DeepSpeed divides by the accumulation steps and averages over
+        #    ranks (ZeRO shards the gradients), so this scale makes the gradient that of the
+        #    mean over every token of the global batch: a micro-batch of short examples weighs
+        #    what its tokens weigh, as in HF's Trainer. It then clips to gradientClipping and
+        #    steps AdamW + the LR schedule at accumulation boundaries.
+        self.engine.backward(summed * (self.accumulation * self.topo.world_size / self.step_tokens))
+        if boundary:
+            self.lr = self.engine.get_lr()[0]  # before step(): the rate this step uses, not the next one's
+        self.engine.step()
+        self.window += torch.tensor(
+            [summed.item(), float(trained), float(batch.tokens), float(inputs["input_ids"].numel()),
+             float(len(batch.examples))], dtype=torch.float64,
+        )
+
+    def _after_optimizer_step(self, epoch: int, index: int, batches: int) -> bool:
+        """Log, evaluate, checkpoint as due after a step; True when it was the last one."""
+        from kubetune.trainer.checkpoint import Position
+
+        progress, training, every = self.progress, self.config.training, self.config.output.checkpoint_every_steps
+        progress.steps += 1
+        self.bar.update(1)
+        progress.epoch = epoch + (index + 1) / batches
+        last = progress.steps == self.plan.total_steps
+        epoch_end = index + 1 == batches
+        # 4. Log every logEverySteps (and at the end); the all_reduce is a collective, so every rank logs.
+        if progress.steps % training.log_every_steps == 0 or last:
+            self._log_window()
+        # 5. Evaluate at each epoch end (the final evaluation follows the loop).
+        if epoch_end and not last:
+            self._evaluate_epoch(epoch)
+        # 6. Checkpoint every checkpointEverySteps, at each epoch end and at the end; the
+        #    upload runs in the background.
+        if self.checkpointer and (epoch_end or last or (every and progress.steps % every == 0)):
+            progress.seconds = self.seconds_before + time.perf_counter() - self.started
+            position = Position(progress.steps, epoch + 1, 0) if epoch_end else Position(progress.steps, epoch, index + 1)
+            self.checkpointer.save(self.engine, position, progress.to_state(self.initial_eval),
+                                   {"window": self.window.tolist()})
+        self.on_step_end(progress.steps)
+        # 7. Stop at maxSteps, possibly mid-epoch.
+        return last
+
+    def on_step_end(self, step: int) -> None:
+        """Called after every optimizer step and its checkpoint; a subclass may act on it."""
+
+    def _log_window(self) -> None:
+        """Mean loss over all ranks since the last line, throughput, the metrics."""
+        progress, metrics, window = self.progress, self.metrics, self.window
+        torch.distributed.all_reduce(window)
+        now = time.perf_counter()
+        mean_loss = float(window[0] / max(window[1], 1.0))
+        elapsed = max(now - self.window_start, 1e-9)
+        tokens_per_second = float(window[2]) / elapsed
+        padded_tokens_per_second = float(window[3]) / elapsed
+        samples_per_second = float(window[4]) / elapsed
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+        progress.tokens += int(window[2])
+        progress.positions += int(window[3])
+        progress.first_loss = mean_loss if progress.first_loss is None else progress.first_loss
+        progress.last_loss = mean_loss
+        progress.history.append([progress.steps, mean_loss])
+        if self.topo.is_main:
+            log.info(
+                "step=%d/%d epoch=%.2f loss=%.4f lr=%.6g grad_norm=%s tokens_per_s=%.1f "
+                "padded_tokens_per_s=%.1f samples_per_s=%.2f",
+                progress.steps, self.plan.total_steps, progress.epoch, mean_loss, self.lr,
+                _fmt(grad_norm), tokens_per_second, padded_tokens_per_second, samples_per_second,
+            )
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{self.lr:.3g}", refresh=False)
+        if metrics:
+            metrics.step.set(progress.steps)
+            metrics.epoch.set(progress.epoch)
+            metrics.loss.set(mean_loss)
+            metrics.learning_rate.set(self.lr)
+            if grad_norm is not None:
+                metrics.grad_norm.set(grad_norm)
+            metrics.tokens_per_second.set(tokens_per_second)
+            metrics.padded_tokens_per_second.set(padded_tokens_per_second)
+            metrics.samples_per_second.set(samples_per_second)
+            if metrics.gpu_memory_bytes is not None:
+                metrics.gpu_memory_bytes.set(torch.cuda.max_memory_allocated(self.device))
+        window.zero_()
+        self.window_start = now
+
+    def _evaluate_epoch(self, epoch: int) -> None:
+        eval_loss = self.evaluate()
+        if eval_loss is None:
+            return
+        if self.metrics:
+            self.metrics.eval_loss.set(eval_loss)
+        self.progress.evals.append({"epoch": epoch + 1, "step": self.progress.steps, "evalLoss": eval_loss})
+        if self.topo.is_main:
+            log.info("epoch=%d step=%d eval_loss=%.4f", epoch + 1, self.progress.steps, eval_loss)
+
+    def evaluate(self) -> float | None:
+        return _evaluate(self.engine, self.validation_set, self.config, self.topo, self.device, self.pad_id)
+
+    # ---- finish, save, publish -------------------------------------------------------------
+    def finish_training(self) -> None:
+        """Final evaluation and the quality gate: above it every rank raises the same error,
+        so every worker exits 1 with the reason, and nothing is published."""
+        self.final_eval = self.evaluate()
+        if self.metrics and self.final_eval is not None:
+            self.metrics.eval_loss.set(self.final_eval)
+        if self.checkpointer:
+            self.checkpointer.finish()
+        if self.topo.is_main and self.final_eval is not None:
+            log.info("final eval_loss=%.6f", self.final_eval)
+        gate = self.config.quality_gate.max_eval_loss
+        if gate is not None and self.final_eval is not None and self.final_eval > gate:
+            raise TrainerError(
+                f"eval loss {self.final_eval:.4f} > qualityGate.maxEvalLoss {gate:g}: adapter not published")
+
+    def save_adapter(self) -> None:
+        """Under ZeRO-3 each rank holds a slice of every LoRA tensor: all ranks enter
+        GatheredParameters (a collective), then rank 0 writes full tensors."""
+        import deepspeed
+
+        self.adapter_dir = self.workdir / "adapter"
+        lora_params = [p for name, p in self.engine.module.named_parameters() if "lora_" in name]
+        with deepspeed.zero.GatheredParameters(lora_params, enabled=self.config.deepspeed.zero_stage == 3):
+            if any(p.numel() == 0 for p in lora_params):  # would publish an adapter of empty tensors
+                raise RuntimeError("LoRA parameters are still partitioned at save time")
+            if self.topo.is_main:
+                self.engine.module.save_pretrained(self.adapter_dir, safe_serialization=True)
+                self.tokenizer.save_pretrained(self.adapter_dir)
+
+    def publish(self) -> dict[str, Any] | None:
+        """Rank 0: adapter files first, manifest.json last. Nobody leaves before it is done."""
+        from kubetune.trainer.publish import publish_adapter
+
+        results = None
+        progress = self.progress
+        if self.topo.is_main:
+            results = {
+                "steps": progress.steps,
+                "totalSteps": self.plan.total_steps,
+                "epochs": progress.epoch,
+                "initialLoss": progress.first_loss,
+                "finalLoss": progress.last_loss,
+                "initialEvalLoss": self.initial_eval,
+                "evalLoss": self.final_eval,
+                "evalHistory": progress.evals,
+                "lossHistory": progress.history,
+                "tokens": progress.tokens,
+                "positions": progress.positions,
+                "trainSeconds": round(progress.seconds, 3),
+                "worldSize": self.topo.world_size,
+                "resumedFromStep": self.resumed.position.step if self.resumed else None,
+            }
+            publish_adapter(self.s3, self.adapter_dir, self.config, results)
+            log.info("done steps=%d final_loss=%.4f eval_loss=%s adapter=%s", progress.steps, progress.last_loss,
+                     _fmt(self.final_eval), self.config.output.adapter_uri)
+        torch.distributed.barrier()
+        return results
+
+    def cleanup(self) -> None:
+        """Leave the process group even on failure, so torchrun sees a clean exit code, and
+        drop the downloads once done."""
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if self.topo.is_node_main:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other ranks (KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS,
+    default 10 minutes: long enough for a node to download its model while the others wait at
+    the barrier, short enough that a dead peer ends the survivors in minutes)."""
+    seconds = os.environ.get("KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS", "")
+    return timedelta(seconds=int(seconds) if seconds.isdigit() and int(seconds) > 0 else 600)
 
 
 def _evaluate(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from kubetune import demo
+from kubetune.cli import demo
 
 TABLES = {
     "Pending": "NAME         PHASE   PROGRESS   LOSS   ETA   WORKERS   AGE\nquickstart                                   2         1s\n",
