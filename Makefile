@@ -53,7 +53,8 @@ test: install ## Run the whole test suite (unit, local-cluster component tests, 
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install ## Unit tests only (no cluster, no training).
-	$(BIN)/pytest -m "not e2e" tests/operator tests/localcluster/test_kubelet_units.py tests/localcluster/test_pins.py \
+	$(BIN)/pytest -m "not e2e" tests/api tests/contracts tests/cli tests/operator tests/localcluster/test_kubelet_units.py \
+	  tests/localcluster/test_container_logs.py tests/localcluster/test_pins.py tests/packaging/test_import_boundaries.py \
 	  --ignore=tests/operator/test_operator_on_cluster.py $(PYTEST_ARGS)
 
 crds: install ## Regenerate crds/finetunejob.yaml from the types in api/kubetune/api/ (make test fails when stale).
