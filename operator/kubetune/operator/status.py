@@ -75,25 +75,22 @@ def initial_status(generation: int, now: datetime, launched: dict[str, Any]) -> 
 
 def waiting_status(previous: dict[str, Any] | None, generation: int, message: str, now: datetime) -> dict[str, Any]:
     """Pending on something outside the job, such as a child of an earlier job of the same name."""
-    previous = previous or {}
-    return _assemble(
-        phase="Pending",
-        message=message,
-        generation=generation,
-        created=_was_created(previous),
-        counts=previous.get("workers") or {"active": 0, "succeeded": 0, "failed": 0},
-        previous=previous,
-        now=now,
-    )
+    return _without_workers(previous or {}, generation, "Pending", message, now)
 
 
 def failed_status(
     previous: dict[str, Any] | None, generation: int, reason: str, message: str, now: datetime
 ) -> dict[str, Any]:
     """Failed before or without workers, e.g. a spec the operator cannot run."""
-    previous = previous or {}
+    return _without_workers(previous or {}, generation, "Failed", message, now, reason)
+
+
+def _without_workers(
+    previous: dict[str, Any], generation: int, phase: Phase, message: str, now: datetime, reason: str | None = None
+) -> dict[str, Any]:
+    """A status decided by something other than the pods: they keep their last counts."""
     return _assemble(
-        phase="Failed",
+        phase=phase,
         message=message,
         generation=generation,
         created=_was_created(previous),
