@@ -50,7 +50,7 @@ demo: install ## Start the local cluster, run examples/quickstart.yaml to Succee
 	$(BIN)/kubetune demo
 
 test: install ## Run the whole test suite (unit, local-cluster component tests, end to end).
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install ## Unit tests only (no cluster, no training).
 	$(BIN)/pytest -m "not e2e" tests/api tests/contracts tests/cli tests/operator tests/localcluster/test_kubelet_units.py \

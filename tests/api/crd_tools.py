@@ -72,6 +72,9 @@ def cel_failures(obj: dict[str, Any]) -> list[str]:
             for name, sub in schema.get("properties", {}).items():
                 if name in value:
                     walk(sub, value[name])
+        if isinstance(value, list) and "items" in schema:
+            for item in value:  # rules of a list's items (spec.workers.env[], tolerations[])
+                walk(schema["items"], item)
 
     schema = openapi_schema()
     walk(schema, apply_defaults(schema, obj))

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import jsonschema
+import pytest
 import yaml
-from crd_tools import CRD_PATH, openapi_schema
+from crd_tools import CRD_PATH, apply_defaults, minimal_spec, openapi_schema
 
 from kubetune.api import crd
 
@@ -41,13 +42,13 @@ def test_every_default_is_valid_against_its_own_schema() -> None:
 
 
 def test_cross_field_rules_come_from_the_types() -> None:
-    from kubetune.api.spec import Dataset, FineTuneJobSpec, Output, Training
+    from kubetune.api.spec import Dataset, FineTuneJobSpec, Output, Resources, Training, Workers
 
     schema = yaml.safe_load(CRD_PATH.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = schema["properties"]["spec"]
     declared = {
         "spec": FineTuneJobSpec.rules, "spec.dataset": Dataset.rules, "spec.training": Training.rules,
-        "spec.output": Output.rules,
+        "spec.output": Output.rules, "spec.workers": Workers.rules, "spec.workers.resources": Resources.rules,
     }
     for path, rules in declared.items():
         node = spec
@@ -64,5 +65,50 @@ def test_rules_hold_on_the_schema_defaults_as_the_api_server_checks_them() -> No
     env = celpy.Environment()
     for path, field in _fields(openapi_schema()["properties"]["spec"], "spec"):
         for rule in field.get("x-kubernetes-validations", []) if "default" in field else []:
-            result = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(field["default"])})
+            default = celpy.json_to_cel(field["default"])
+            # A transition rule too: the API server evaluates it with the default as both sides.
+            result = env.program(env.compile(rule["rule"])).evaluate({"self": default, "oldSelf": default})
             assert not isinstance(result, Exception) and bool(result), f"{path}: {rule['rule']} on {field['default']}"
+
+
+def _transition_failures(old: dict, new: dict) -> list[str]:
+    """Messages of the transition rules (those reading oldSelf) an update from ``old`` to ``new``
+    breaks, both defaulted as the API server stores them."""
+    import celpy
+
+    env = celpy.Environment()
+    schema = openapi_schema()
+    failures = []
+
+    def walk(sub: dict, before: object, after: object) -> None:
+        for rule in sub.get("x-kubernetes-validations", []):
+            if "oldSelf" in rule["rule"]:
+                activation = {"self": celpy.json_to_cel(after), "oldSelf": celpy.json_to_cel(before)}
+                if not env.program(env.compile(rule["rule"])).evaluate(activation):
+                    failures.append(rule["message"])
+        if isinstance(before, dict) and isinstance(after, dict):
+            for name, child in sub.get("properties", {}).items():
+                if name in before and name in after:
+                    walk(child, before[name], after[name])
+
+    walk(schema, apply_defaults(schema, old), apply_defaults(schema, new))
+    return failures
+
+
+@pytest.mark.parametrize("change, allowed", [
+    ({"runPolicy": {"suspend": True}}, True),
+    ({"runPolicy": {"backoffLimit": 5}}, False),
+    ({"runPolicy": {"activeDeadlineSeconds": 60}}, False),
+    ({"workers": {"replicas": 3}}, False),
+    ({"lora": {"r": 4}}, False),
+    ({"workers": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}}, False),
+    ({"scheduling": {"queueName": "team-a"}}, False),
+    ({"scheduling": {"tolerations": [{"operator": "Exists"}]}}, False),
+])
+def test_only_suspend_may_change_after_creation(change, allowed) -> None:
+    old = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j"},
+           "spec": minimal_spec()}
+    new = {**old, "spec": minimal_spec(**change)}
+    failures = _transition_failures(old, new)
+    assert (failures == []) is allowed, failures
+    assert all("only spec.runPolicy.suspend may change" in message for message in failures)

@@ -30,6 +30,27 @@ def test_quickstart_is_valid_against_schema_cel_and_typed_spec() -> None:
     assert spec.storage.credentials_secret == "s3-credentials"
 
 
+GOOD = sorted(path.name for path in EXAMPLES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("filename", GOOD)
+def test_every_example_is_valid_against_schema_cel_and_typed_spec(filename: str) -> None:
+    manifest = load_manifest(EXAMPLES / filename)
+    assert schema_error_fields(manifest) == {}
+    assert cel_failures(manifest) == []
+    parse_spec(manifest["spec"])
+
+
+def test_gpu_scheduling_example_sets_the_pod_shape_and_scheduling_knobs() -> None:
+    manifest = load_manifest(EXAMPLES / "gpu-scheduling.yaml")
+    spec = parse_spec(manifest["spec"])
+    assert spec.workers.world_size == 16 and spec.training.global_batch_size == 64
+    assert spec.storage.credentials_secret is None and spec.workers.service_account_name == "kubetune-trainer"
+    assert spec.workers.shm_size == "16Gi" and spec.workers.image_pull_secrets == ("registry-credentials",)
+    assert spec.scheduling.queue_name == manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert spec.scheduling.tolerations and spec.scheduling.affinity and spec.scheduling.affinity.node_affinity
+
+
 @pytest.mark.parametrize("filename, field", sorted(BAD.items()))
 def test_bad_example_is_rejected_by_schema_naming_the_field(filename: str, field: str) -> None:
     manifest = load_manifest(EXAMPLES / "bad" / filename)

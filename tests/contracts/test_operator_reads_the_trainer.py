@@ -9,8 +9,11 @@ from datetime import UTC, datetime
 
 from prometheus_client import generate_latest
 
+from kubetune.api import JobRef
+from kubetune.api.termination import ExitCode
 from kubetune.operator.progress import derive_progress
-from kubetune.operator.status import derive_status, observe_pod
+from kubetune.operator.reconcile import Job, reconcile
+from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer import termination
 from kubetune.trainer.metrics import TrainMetrics
 
@@ -32,15 +35,27 @@ def test_the_trainers_metrics_become_the_jobs_progress() -> None:
         "12/30", 1.2346, 0.4, 2048.5)
 
 
+JOB = JobRef(name="job", namespace="default", uid="u")
+
+
 def _worker(index: int, phase: str, exit_code: int, message: str | None) -> dict:
     terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "message": message}
-    return {"metadata": {"name": f"job-worker-{index}", "labels": {"kubetune.dev/replica-index": str(index)}},
+    return {"metadata": {"name": f"job-worker-{index}", "uid": f"p{index}",
+                         "labels": {"kubetune.dev/replica-index": str(index), "kubetune.dev/attempt": "1"},
+                         "ownerReferences": [{"uid": JOB.uid, "controller": True}]},
             "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}}
 
 
 def _status(*pods: dict) -> dict:
-    return derive_status(replicas=len(pods), adapter_uri="s3://adapters/job/", generation=1,
-                         pods=[observe_pod(p) for p in pods], previous={"phase": "Running"}, now=NOW, job_name="job")
+    """The job's status after the operator saw these pods of its running gang."""
+    running = {"phase": "Running", "launched": {"replicas": len(pods), "attempt": 1, "adapterUri": "s3://adapters/job/",
+                                                "createdTime": "2026-01-01T11:00:00Z",
+                                                "runningTime": "2026-01-01T11:01:00Z"}}
+    spec = {"model": {"uri": "s3://models/m/"}, "dataset": {"uri": "s3://datasets/t.jsonl"}, "output": {"adapterUri": "s3://adapters/job/"},
+            "workers": {"replicas": len(pods)}, "training": {"globalBatchSize": 4 * len(pods)}}
+    outcome = reconcile(Job(JOB, 1, spec, running), list(pods), OperatorSettings(), NOW)
+    assert outcome.status is not None
+    return outcome.status
 
 
 def test_the_trainers_success_message_becomes_the_jobs_results() -> None:
@@ -54,11 +69,19 @@ def test_the_trainers_success_message_becomes_the_jobs_results() -> None:
     assert status["progress"]["display"] == "30/30"
 
 
-def test_the_trainers_failure_message_becomes_the_jobs_message() -> None:
-    message = termination.failure_message("s3://datasets/t.jsonl line 2:\nnot valid JSON")
+def test_the_trainers_bad_input_message_fails_the_job_at_once() -> None:
+    message = termination.failure_message("s3://datasets/t.jsonl line 2:\nnot valid JSON", ExitCode.INVALID_DATA)
 
     status = _status(_worker(0, "Failed", 1, message), _worker(1, "Failed", 1, None))
 
     assert status["phase"] == "Failed"
-    assert status["message"] == "s3://datasets/t.jsonl line 2: not valid JSON (worker pod job-worker-0 failed with exit code 1)"
+    assert status["message"] == "s3://datasets/t.jsonl line 2: not valid JSON (pod job-worker-0 failed with exit code 65)"
     assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "TrainerError"
+
+
+def test_any_other_trainer_failure_restarts_the_gang() -> None:
+    message = termination.failure_message("connection to s3 timed out")
+
+    status = _status(_worker(0, "Failed", 1, message), _worker(1, "Failed", 1, None))
+
+    assert status["phase"] == "Restarting" and status["lastFailure"]["exitCode"] == 1

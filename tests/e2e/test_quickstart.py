@@ -5,61 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
-import boto3
 import pytest
-import yaml
-from botocore.config import Config
 
-from kubetune.cli.demo import (
-    DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Kubectl, create_credentials_secret, find_repo_root,
-    follow_job, install_crd, local_cluster, running_operator, upload_demo_data,
-)
+from e2e_tools import REPO, manifest as _manifest, pids_of_job as _pids_of_job
+
+from kubetune.api import PHASES
+from kubetune.cli.demo import follow_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
-REPO = find_repo_root(Path(__file__).resolve().parent)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state = tmp_path_factory.mktemp("cluster")
-    with local_cluster(state) as cluster:
-        kubectl = Kubectl(cluster.kubeconfig)
-        upload_demo_data(cluster.s3_endpoint)
-        install_crd(kubectl, REPO)
-        create_credentials_secret(kubectl)
-        s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
-                          aws_access_key_id=DEMO_ACCESS_KEY, aws_secret_access_key=DEMO_SECRET_KEY,
-                          config=Config(s3={"addressing_style": "path"}))
-        with running_operator(cluster, state / "operator.log") as operator:
-            yield SimpleNamespace(cluster=cluster, kubectl=kubectl, s3=s3, state=state, operator=operator)
-
-
-def _manifest(path: Path, **spec_overrides) -> str:
-    job = yaml.safe_load(path.read_text())
-    for dotted, value in spec_overrides.items():
-        node = job
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return yaml.safe_dump(job)
-
-
-def _pids_of_job(job_name: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if f"--master-addr={job_name}-worker-0." in cmdline:
-                pids.append(int(proc.name))
-    return pids
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -77,27 +33,39 @@ def test_bad_manifest_is_refused_naming_the_field(stack, bad, field):
 
 def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
     kubectl, s3 = stack.kubectl, stack.s3
+    # What a user watching sees: the phase and the progress moving, row by row.
+    watch = subprocess.Popen(kubectl.command("get", "ftj", "-w"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     applied = kubectl.run("apply", "-f", str(REPO / "examples" / "quickstart.yaml"))
     assert "finetunejob.kubetune.dev/quickstart created" in applied.stdout
 
-    job = follow_job(kubectl, "quickstart", timeout=1200, echo=False)
+    try:
+        job = follow_job(kubectl, "quickstart", timeout=1200, echo=False)
+        time.sleep(1)
+    finally:
+        watch.terminate()
+    rows = [line.split() for line in watch.communicate(timeout=30)[0].splitlines() if line.startswith("quickstart ")]
+    phases = [row[1] for row in rows if row[1] in PHASES]  # the first rows have no phase yet: empty cells
+    assert phases[0] == "Validating" and phases[-1] == "Succeeded" and "Running" in phases, rows
+    progress = {row[2] for row in rows if row[1] == "Running" and "/" in row[2]}
+    assert len(progress) >= 2, f"the progress never moved in `kubectl get ftj -w`: {rows}"
     status = job["status"]
     assert status["phase"] == "Succeeded", status
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Succeeded"]["status"] == "True"
     assert status["adapter"]["uri"] == "s3://adapters/quickstart/"
     # The trainer's termination message gives the results; the progress ends at the last step.
-    assert isinstance(status["results"]["finalLoss"], float) and status["results"]["steps"] == 30, status
+    assert isinstance(status["results"]["finalLoss"], float) and status["results"]["steps"] == 150, status
     assert status["results"]["tokens"] > 0
-    assert (status["progress"]["step"], status["progress"]["totalSteps"]) == (30, 30), status
+    assert (status["progress"]["step"], status["progress"]["totalSteps"]) == (150, 150), status
 
     table = kubectl.run("get", "ftj", "quickstart").stdout.splitlines()
     assert table[0].split()[:5] == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA"]
-    assert table[1].split()[:3] == ["quickstart", "Succeeded", "30/30"]
+    assert table[1].split()[:3] == ["quickstart", "Succeeded", "150/150"]
     assert float(table[1].split()[3]) == round(status["results"]["finalLoss"], 4)
 
     pods = kubectl.run("get", "pods", "-l", "kubetune.dev/job-name=quickstart").stdout
-    assert pods.count("Completed") == 2, pods
+    assert pods.count("Completed") == 3, pods  # the preflight pod and the two workers
 
     described = kubectl.run("describe", "ftj", "quickstart").stdout
     assert "Events:" in described and "Succeeded" in described
@@ -108,7 +76,13 @@ def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
     # The manifest lists every published file with its sha256, and is written last.
     listing = s3.list_objects_v2(Bucket="adapters", Prefix="quickstart/")["Contents"]
     objects = {o["Key"]: o for o in listing}
-    manifest = json.loads(s3.get_object(Bucket="adapters", Key="quickstart/manifest.json")["Body"].read())
+    manifest_bytes = s3.get_object(Bucket="adapters", Key="quickstart/manifest.json")["Body"].read()
+    manifest = json.loads(manifest_bytes)
+    # The manifest names the job that published it; the job's status names that manifest.
+    job_meta = job["metadata"]
+    assert {key: manifest["job"][key] for key in ("namespace", "name", "uid")} == {
+        "namespace": job_meta["namespace"], "name": "quickstart", "uid": job_meta["uid"]}
+    assert status["adapter"]["manifestSha256"] == hashlib.sha256(manifest_bytes).hexdigest()
     assert manifest["files"], manifest
     for entry in manifest["files"]:
         key = "quickstart/" + entry["path"]
@@ -144,6 +118,14 @@ def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
     assert operator_metrics[("kubetune_operator_pods_created_total", ())] >= 2, operator_metrics
     assert operator_metrics[("kubetune_operator_reconciles_total", (("handler", "pod_event"),))] > 0
 
+    # Another job may not silently overwrite the published adapter: it fails while validating.
+    kubectl.run("apply", "-f", "-", input=_manifest(REPO / "examples" / "quickstart.yaml", metadata__name="copycat"))
+    copycat = follow_job(kubectl, "copycat", timeout=300, echo=False)["status"]
+    assert copycat["phase"] == "Failed" and "already holds a published adapter" in copycat["message"], copycat
+    assert "spec.output.overwrite" in copycat["message"]
+    assert json.loads(s3.get_object(Bucket="adapters", Key="quickstart/manifest.json")["Body"].read()) == manifest
+    kubectl.run("delete", "ftj", "copycat")
+
     # Deleting the job removes every child.
     kubectl.run("delete", "ftj", "quickstart")
     deadline = time.monotonic() + 30
@@ -156,7 +138,7 @@ def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
     assert not left, f"children left after delete: {left}"
 
 
-def test_broken_dataset_fails_the_job_with_the_trainers_line_numbered_error(stack):
+def test_a_bad_dataset_fails_in_validating_with_its_line_number_and_no_worker_is_created(stack):
     kubectl, s3 = stack.kubectl, stack.s3
     s3.put_object(Bucket="datasets", Key="broken/train.jsonl",
                   Body=b'{"text": "a fine first line"}\n{"text": "unterminated\n')
@@ -168,14 +150,20 @@ def test_broken_dataset_fails_the_job_with_the_trainers_line_numbered_error(stac
     job = follow_job(kubectl, "broken-data", timeout=600, echo=False)
     status = job["status"]
     assert status["phase"] == "Failed", status
+    assert status["message"].startswith("preflight failed: "), status["message"]
     assert "train.jsonl line 2: not valid JSON" in status["message"], status["message"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "TrainerError" and "line 2: not valid JSON" in failed["message"]
+    assert failed["reason"] == "PreflightFailed" and "line 2: not valid JSON" in failed["message"]
     described = kubectl.run("describe", "ftj", "broken-data").stdout
     assert "train.jsonl line 2: not valid JSON" in described, described
-    # The worker pod itself carries the trainer's message, as on any Kubernetes.
-    pod = kubectl.json("get", "pod", "broken-data-worker-0")
-    assert "line 2: not valid JSON" in pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+    # No worker (and no GPU) was ever held: only the preflight pod ran.
+    pods = kubectl.json("get", "pods", "-l", "kubetune.dev/job-name=broken-data")["items"]
+    assert [p["metadata"]["name"] for p in pods] == ["broken-data-preflight"]
+    events = kubectl.json("get", "events", "--field-selector", "involvedObject.name=broken-data")["items"]
+    assert not any(e["reason"] == "Created" for e in events)
+    # The preflight pod itself carries the trainer's message, as on any Kubernetes.
+    terminated = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert "line 2: not valid JSON" in terminated["message"]
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -235,7 +223,7 @@ def test_a_job_deleted_and_re_applied_at_once_runs_on_its_own_pods(stack):
     deadline = time.monotonic() + 300
     while True:
         job = kubectl.json("get", "ftj", "again")
-        pods = kubectl.json("get", "pods", "-l", "kubetune.dev/job-name=again")["items"]
+        pods = kubectl.json("get", "pods", "-l", "kubetune.dev/job-name=again,app.kubernetes.io/component=worker")["items"]
         live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
         if job["metadata"]["uid"] != old_uid and job.get("status", {}).get("phase") == "Running" and len(live) == 2:
             break

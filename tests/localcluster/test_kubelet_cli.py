@@ -26,10 +26,11 @@ def _kubectl(state: Path, *args: str, input: str | None = None) -> subprocess.Co
                           input=input, capture_output=True, text=True, timeout=60)
 
 
-def _start_sleeper(state: Path) -> int:
+def _start_sleeper(state: Path, image: str = "ignored:local") -> int:
     import yaml
 
-    _kubectl(state, "apply", "-f", "-", input=yaml.safe_dump(pod_manifest("sleeper", ["sleep", "600"])))
+    pod = pod_manifest("sleeper", ["sleep", "600"], container={"image": image})
+    _kubectl(state, "apply", "-f", "-", input=yaml.safe_dump(pod))
 
     def running_pid() -> int | None:
         result = _kubectl(state, "get", "pod", "sleeper", "-o", "json")
@@ -49,14 +50,15 @@ def state(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_up_detach_then_down_leaves_nothing_behind(state: Path) -> None:
-    up = _local("up", "--detach", "--dir", str(state))
+    up = _local("up", "--detach", "--dir", str(state), "--image", "docker.io/library/busybox:1.36")
     assert up.returncode == 0, up.stderr
     assert f"export KUBECONFIG={state / 'kubeconfig'}" in up.stdout
+    assert "busybox, ignored, kubetune/operator, kubetune/trainer" in up.stdout  # the images it runs
     info = json.loads((state / "cluster.json").read_text())
     assert info["s3ClusterEndpoint"].startswith("http://s3.kubetune-system.svc.cluster.local:")
     assert _kubectl(state, "get", "nodes").stdout.count("kubetune-local") == 1
     assert "ready" in _local("status", "--dir", str(state)).stdout
-    pod_pid = _start_sleeper(state)
+    pod_pid = _start_sleeper(state, image="busybox")  # runs: --image reached the detached node
 
     names = {Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
              for pid in leftovers.cluster_processes(info["prefix"])}
@@ -91,3 +93,10 @@ def test_next_up_cleans_a_crashed_clusters_leftovers(state: Path) -> None:
     assert up.returncode == 0, up.stderr
     assert leftovers.leftovers(crashed["prefix"]) == {"processes": [], "netns": [], "links": []}
     assert json.loads((state / "cluster.json").read_text())["prefix"] != crashed["prefix"]
+
+
+def test_up_refuses_an_image_that_is_no_reference_before_starting_anything(state: Path) -> None:
+    up = _local("up", "--detach", "--dir", str(state), "--image", "Team/App")
+
+    assert up.returncode == 2 and "'Team/App' is no image reference" in up.stderr
+    assert not (state / "cluster.json").exists()

@@ -88,6 +88,23 @@ def test_failing_command_fails_the_pod_with_its_exit_code(cluster: Cluster) -> N
     assert "about to fail" in cluster.logs("fails")
 
 
+def test_a_container_killed_by_a_signal_reports_128_plus_n_and_error(cluster: Cluster) -> None:
+    # What containerd reports: exit code 128+N, reason Error (OOMKilled only for an OOM kill),
+    # and no `signal` field, which a real kubelet never fills in.
+    # "$$$$": Kubernetes expands "$$" in a command to "$", so the shell sees its own pid, "$$".
+    pod = pod_manifest("killed", ["sh", "-c", "kill -KILL $$$$"])
+    pod["spec"]["containers"].append({"name": "segv", "image": "ignored", "command": ["sh", "-c", "kill -SEGV $$$$"]})
+    cluster.apply(pod)
+
+    done = cluster.wait_phase("killed", {"Succeeded", "Failed"})
+
+    assert done["status"]["phase"] == "Failed"
+    terminated = {s["name"]: s["state"]["terminated"] for s in done["status"]["containerStatuses"]}
+    assert {name: (t["exitCode"], t["reason"]) for name, t in terminated.items()} == {
+        "main": (137, "Error"), "segv": (139, "Error")}
+    assert not any("signal" in t for t in terminated.values())
+
+
 def test_on_failure_restarts_until_success(cluster: Cluster) -> None:
     # Fails on the first run, succeeds on the second: emptyDir survives container restarts.
     script = "if [ -f /state/ran ]; then echo second run; exit 0; fi; touch /state/ran; exit 1"

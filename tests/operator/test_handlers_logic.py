@@ -37,6 +37,8 @@ class FakeKube:
         self.status_patches: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.refuse: dict[str, tuple[int, str]] = {}  # kind -> (status, message)
+        self.deleted: list[str] = []
+        self.logs: dict[str, str] = {}
 
     def create(self, obj: dict[str, Any]) -> None:
         key = (obj["kind"], obj["metadata"]["name"])
@@ -55,11 +57,22 @@ class FakeKube:
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.job)
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         assert self.job is not None
-        self.status_patches.append(copy.deepcopy(status))
-        # A merge patch: keys the patch leaves out keep their stored values.
-        self.job["status"] = {**(self.job.get("status") or {}), **copy.deepcopy(status)}
+        self.status_patches.append(copy.deepcopy(patch))
+        self.job["status"] = merge(self.job.get("status") or {}, patch)
+
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        pod = self.objects.get(("Pod", name))
+        if pod is not None and pod["metadata"].get("uid", uid) == uid:
+            del self.objects[("Pod", name)]
+            self.deleted.append(name)
+
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        self.job = None
+
+    def pod_log_tail(self, namespace: str, name: str, lines: int) -> str | None:
+        return self.logs.get(name)
 
     def post_event(self, job: Any, kind: str, reason: str, message: str) -> None:
         self.events.append((kind, reason, message))
@@ -68,13 +81,26 @@ class FakeKube:
         return [obj for (kind, _), obj in self.objects.items() if kind == "Pod"]
 
     def set_pod(self, index: int, phase: str, exit_code: int | None = None, ip: str | None = None) -> None:
-        pod = self.objects[("Pod", f"quickstart-worker-{index}")]
+        pod = self.objects[("Pod", "quickstart-preflight" if index < 0 else f"quickstart-worker-{index}")]
         pod["status"] = {"phase": phase}
         if exit_code is not None:
             pod["status"]["containerStatuses"] = [
                 {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]
         if ip:
             pod["status"]["podIP"] = ip
+
+
+def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386, as the API server applies a merge patch."""
+    result = copy.deepcopy(target)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
 
 
 def make_job() -> dict[str, Any]:
@@ -97,25 +123,61 @@ def memo_for(kube: FakeKube, settings: OperatorSettings | None = None) -> kopf.M
 
 def sync(memo: kopf.Memo, handler: str = "pod_event", retry: bool = False) -> None:
     pods = {UID: memo.kube.pods()}
-    asyncio.run(handlers._sync(handler, "default", "quickstart", UID, pods[UID], memo, LOG, retry=retry))
+    asyncio.run(handlers._sync(handler, "default", "quickstart", UID, pods, memo, LOG, retry=retry))
 
 
-def test_first_pass_creates_children_writes_pending_and_posts_created(kube: FakeKube) -> None:
+def launch(memo: kopf.Memo) -> None:
+    """Through the preflight to the gang's creation."""
+    sync(memo, "create", retry=True)
+    memo.kube.set_pod(-1, "Succeeded", exit_code=0)
+    sync(memo)
+
+
+def test_first_passes_validate_then_create_the_gang_and_post_each_step(kube: FakeKube) -> None:
     memo = memo_for(kube)
     sync(memo, "create", retry=True)
-    assert sorted(kube.objects) == [("ConfigMap", "quickstart-trainer-config"), ("Pod", "quickstart-worker-0"),
-                                    ("Pod", "quickstart-worker-1"), ("Service", "quickstart-workers")]
+    assert sorted(kube.objects) == [("ConfigMap", "quickstart-trainer-config"), ("Pod", "quickstart-preflight")]
+    assert kube.job["status"]["phase"] == "Validating"
+    kube.set_pod(-1, "Succeeded", exit_code=0)
+    sync(memo)
+    assert sorted(kube.objects) == [("ConfigMap", "quickstart-trainer-config"), ("Pod", "quickstart-preflight"),
+                                    ("Pod", "quickstart-worker-0"), ("Pod", "quickstart-worker-1"),
+                                    ("Service", "quickstart-workers")]
     assert kube.job["status"]["phase"] == "Pending" and kube.job["status"]["launched"]["replicas"] == 2
-    assert kube.events == [("Normal", "Created", "created config map, service and 2 worker pods")]
-    assert memo.metrics.registry.get_sample_value("kubetune_operator_pods_created_total") == 2
+    assert [reason for _, reason, _ in kube.events] == ["Validating", "Created"]
+    assert memo.metrics.registry.get_sample_value("kubetune_operator_pods_created_total") == 3
 
 
 def test_a_second_pass_after_a_crash_finds_its_own_children_and_goes_on(kube: FakeKube) -> None:
     memo = memo_for(kube)
-    sync(memo, "create", retry=True)
-    kube.job["status"] = {}  # the first pass created everything, then died before writing status
+    launch(memo)
+    kube.job["status"] = {"phase": "Validating"}  # the pass created the gang, then died before writing status
     sync(memo, "resume", retry=True)
-    assert len(kube.objects) == 4 and kube.job["status"]["phase"] == "Pending"
+    assert len(kube.objects) == 5 and kube.job["status"]["phase"] == "Pending"
+
+
+def test_a_restart_deletes_the_old_gang_and_clears_what_no_longer_holds(kube: FakeKube) -> None:
+    memo = memo_for(kube)
+    launch(memo)
+    for index in (0, 1):
+        kube.set_pod(index, "Running")
+    sync(memo)
+    kube.logs["quickstart-worker-1"] = "x" * 2000 + "\nRuntimeError: NCCL timeout"
+    kube.set_pod(1, "Failed", exit_code=1)
+    sync(memo)
+    assert kube.job["status"]["phase"] == "Restarting" and kube.deleted == ["quickstart-worker-0",
+                                                                           "quickstart-worker-1"]
+    # Before the pods go, the failed one's last lines become an Event.
+    (log_event,) = [event for event in kube.events if event[1] == "WorkerLog"]
+    assert log_event[0] == "Warning" and log_event[2].startswith("last lines of pod quickstart-worker-1:\n")
+    assert log_event[2].endswith("RuntimeError: NCCL timeout") and len(log_event[2]) < 1024
+    assert "nextAttemptTime" in kube.job["status"]
+    kube.job["status"]["nextAttemptTime"] = "2000-01-01T00:00:00Z"  # the back-off has passed
+    sync(memo, "tick")
+    status = kube.job["status"]
+    assert status["phase"] == "Pending" and status["launched"]["attempt"] == 2
+    assert "nextAttemptTime" not in status and "runningTime" not in status["launched"]  # removed by the patch
+    assert kube.status_patches[-1]["nextAttemptTime"] is None
 
 
 def test_a_name_held_by_an_earlier_jobs_pod_is_waited_for_then_taken(kube: FakeKube) -> None:
@@ -123,24 +185,30 @@ def test_a_name_held_by_an_earlier_jobs_pod_is_waited_for_then_taken(kube: FakeK
     kube.objects[("Pod", "quickstart-worker-1")] = {"kind": "Pod", "metadata": {
         "name": "quickstart-worker-1", "deletionTimestamp": "2026-01-01T00:00:00Z",
         "ownerReferences": [{"uid": "old", "controller": True}]}}
+    sync(memo, "create", retry=True)
+    kube.set_pod(-1, "Succeeded", exit_code=0)
     with pytest.raises(kopf.TemporaryError, match="waiting for Pod quickstart-worker-1 of FineTuneJob uid old"):
-        sync(memo, "create", retry=True)
-    assert kube.job["status"]["phase"] == "Pending" and "waiting for Pod" in kube.job["status"]["message"]
+        sync(memo, "resume", retry=True)
+    assert kube.job["status"]["phase"] == "Validating" and "waiting for Pod" in kube.job["status"]["message"]
+    assert "launched" not in kube.job["status"]
 
     del kube.objects[("Pod", "quickstart-worker-1")]  # the old pod is gone at last
-    sync(memo, "create", retry=True)
-    owners = {pod["metadata"]["ownerReferences"][0]["uid"] for pod in kube.pods()}
-    assert owners == {UID} and len(kube.pods()) == 2
+    sync(memo, "resume", retry=True)
+    workers = [pod for pod in kube.pods() if pod["metadata"]["name"] != "quickstart-preflight"]
+    owners = {pod["metadata"]["ownerReferences"][0]["uid"] for pod in workers}
+    assert owners == {UID} and len(workers) == 2
 
 
 def test_a_child_the_api_refuses_fails_the_job_without_retrying(kube: FakeKube) -> None:
     memo = memo_for(kube)
     kube.refuse["Service"] = (422, 'Service "quickstart-workers" is invalid: spec.ports[0].port: Invalid value')
-    sync(memo, "create", retry=True)  # no TemporaryError: a retry would be refused the same way
+    sync(memo, "create", retry=True)
+    kube.set_pod(-1, "Succeeded", exit_code=0)
+    sync(memo, "resume", retry=True)  # no TemporaryError: a retry would be refused the same way
     assert kube.job["status"]["phase"] == "Failed"
     assert kube.events[-1][:2] == ("Warning", "ChildRefused")
     assert "spec.ports[0].port: Invalid value" in kube.job["status"]["message"]
-    assert kube.pods() == []  # nothing after the refused child
+    assert [pod["metadata"]["name"] for pod in kube.pods()] == ["quickstart-preflight"]  # no worker after it
 
 
 def test_an_unwell_api_is_raised_for_kopf_to_retry_and_counted(kube: FakeKube) -> None:
@@ -155,13 +223,13 @@ def test_an_unwell_api_is_raised_for_kopf_to_retry_and_counted(kube: FakeKube) -
 
 def test_pod_events_drive_the_phase_and_a_gone_job_is_left_alone(kube: FakeKube) -> None:
     memo = memo_for(kube)
-    sync(memo, "create", retry=True)
+    launch(memo)
     kube.set_pod(0, "Running")
     kube.set_pod(1, "Running")
     sync(memo)
     sync(memo)
     assert kube.job["status"]["phase"] == "Running"
-    assert [reason for _, reason, _ in kube.events] == ["Created", "Running"]
+    assert [reason for _, reason, _ in kube.events] == ["Validating", "Created", "Running"]
     patches = len(kube.status_patches)
     kube.job = None
     sync(memo)
@@ -188,7 +256,7 @@ async def _scrape(memo: kopf.Memo) -> None:
 
 def _running(kube: FakeKube, settings: OperatorSettings) -> kopf.Memo:
     memo = memo_for(kube, settings)
-    sync(memo, "create", retry=True)
+    launch(memo)
     for index in (0, 1):
         kube.set_pod(index, "Running", ip="127.0.0.1")
     sync(memo)
@@ -201,7 +269,7 @@ def test_the_scrape_of_rank_0_writes_only_the_progress(kube: FakeKube) -> None:
     asyncio.run(_scrape(memo))
     progress = kube.job["status"]["progress"]
     assert (progress["display"], progress["loss"]) == ("12/30", 1.5)
-    assert kube.status_patches[-1] == {"progress": progress}
+    assert kube.status_patches[-1] == {"progress": progress}  # the phase did not change: only the progress
 
     patches = len(kube.status_patches)
     asyncio.run(_scrape(memo))  # the same step: nothing to write
@@ -246,3 +314,14 @@ def test_timers_do_not_log_every_success() -> None:
     assert not handlers._quiet_timers(record("Timer 'finetunejob_progress' succeeded."))
     assert handlers._quiet_timers(record("Handler 'finetunejob_create' succeeded."))
     assert handlers._quiet_timers(record("Timer 'finetunejob_progress' failed", logging.ERROR))
+
+
+def test_a_status_patch_names_what_changed_and_removes_what_no_longer_holds() -> None:
+    from kubetune.operator.kube import status_patch
+
+    old = {"phase": "Restarting", "nextAttemptTime": "t", "launched": {"attempt": 1, "runningTime": "r"},
+           "conditions": [{"type": "Ready"}]}
+    new = {"phase": "Pending", "launched": {"attempt": 2}, "conditions": [{"type": "Ready"}]}
+    patch = status_patch(old, new)
+    assert patch == {"phase": "Pending", "nextAttemptTime": None, "launched": {"attempt": 2, "runningTime": None}}
+    assert merge(old, patch) == new

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import yaml
 from crd_tools import EXAMPLES, load_manifest, minimal_spec
-from kubetune.operator.manifests import build_children, build_config_map, build_service, build_worker_pod
+from kubetune.operator.manifests import (
+    build_config_map, build_preflight_pod, build_service, build_worker_pod, build_workers, pod_group_name,
+)
 from kubetune.operator.settings import OperatorSettings
 from kubetune.api import JobRef, parse_spec
 
 JOB = JobRef(name="quickstart", namespace="default", uid="u-1")
 QUICKSTART = parse_spec(load_manifest(EXAMPLES / "quickstart.yaml")["spec"])
+GPU_EXAMPLE = load_manifest(EXAMPLES / "gpu-scheduling.yaml")
 OWNER = {
     "apiVersion": "kubetune.dev/v1alpha1",
     "kind": "FineTuneJob",
@@ -17,6 +22,30 @@ OWNER = {
     "controller": True,
     "blockOwnerDeletion": True,
 }
+KUEUE_KEYS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/pod-group-name", "kueue.x-k8s.io/pod-group-total-count",
+              "kueue.x-k8s.io/retriable-in-group")
+# Every knob of spec.workers and spec.scheduling set, on a GPU gang.
+EVERYTHING = parse_spec(minimal_spec(
+    training={"microBatchSize": 1, "globalBatchSize": 16},
+    workers={
+        "replicas": 2, "gpusPerWorker": 8, "image": "registry.example/trainer:1",
+        "resources": {"limits": {"cpu": "32", "memory": "400Gi"}, "requests": {"cpu": "32", "memory": "400Gi"}},
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"},
+                {"name": "WHERE", "value": "$(POD_NAMESPACE)/$(POD_NAME)"},
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+        "envFrom": [{"configMapRef": {"name": "nccl-tuning"}}, {"secretRef": {"name": "extra"}, "prefix": "X_"}],
+        "serviceAccountName": "trainer", "imagePullSecrets": ["regcred", "mirror"],
+        "shmSize": "16Gi", "runAsUser": 2000, "runAsGroup": 3000,
+    },
+    scheduling={
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                        {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 60}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
+        "priorityClassName": "training-high", "schedulerName": "volcano", "queueName": "team-a",
+    },
+))
 
 
 def _container(pod: dict) -> dict:
@@ -24,13 +53,24 @@ def _container(pod: dict) -> dict:
     return container
 
 
+def _env(pod: dict) -> dict[str, dict]:
+    return {item["name"]: item for item in _container(pod)["env"]}
+
+
+def _every_pod(spec: Any) -> list[dict]:
+    return [*(build_worker_pod(JOB, spec, index, OperatorSettings()) for index in range(spec.workers.replicas)),
+            build_preflight_pod(JOB, spec, OperatorSettings())]
+
+
 def test_children_are_config_service_and_one_pod_per_replica() -> None:
-    children = build_children(JOB, QUICKSTART, OperatorSettings())
+    children = [build_config_map(JOB, QUICKSTART, OperatorSettings()), *build_workers(JOB, QUICKSTART, OperatorSettings(), 1),
+                build_preflight_pod(JOB, QUICKSTART, OperatorSettings())]
     assert [(child["kind"], child["metadata"]["name"]) for child in children] == [
         ("ConfigMap", "quickstart-trainer-config"),
         ("Service", "quickstart-workers"),
         ("Pod", "quickstart-worker-0"),
         ("Pod", "quickstart-worker-1"),
+        ("Pod", "quickstart-preflight"),
     ]
     for child in children:
         assert child["metadata"]["namespace"] == "default"
@@ -50,8 +90,9 @@ def test_config_map_holds_the_rendered_trainer_config() -> None:
 def test_headless_service_selects_the_job_workers() -> None:
     service = build_service(JOB)
     assert service["spec"]["clusterIP"] == "None"
-    # The job's UID, not its name: a re-created job of the same name has other pods.
-    assert service["spec"]["selector"] == {"kubetune.dev/job-uid": "u-1"}
+    # The job's UID, not its name: a re-created job of the same name has other pods; and only
+    # the workers, not the preflight pod.
+    assert service["spec"]["selector"] == {"kubetune.dev/job-uid": "u-1", "app.kubernetes.io/component": "worker"}
     assert service["spec"]["ports"][0]["port"] == 29500
     assert service["spec"]["ports"][0]["name"] == "rdzv"
 
@@ -78,7 +119,7 @@ def test_worker_command_is_torchrun_with_node_rank(workers: dict, index: int, nn
 
 
 def test_worker_pod_identity_dns_and_restart_policy() -> None:
-    pod = build_worker_pod(JOB, QUICKSTART, 1, OperatorSettings())
+    pod = build_worker_pod(JOB, QUICKSTART, 1, OperatorSettings(), attempt=2)
     assert pod["metadata"]["name"] == "quickstart-worker-1"
     assert pod["metadata"]["labels"] == {
         "app.kubernetes.io/name": "kubetune",
@@ -88,24 +129,41 @@ def test_worker_pod_identity_dns_and_restart_policy() -> None:
         "kubetune.dev/job-name": "quickstart",
         "kubetune.dev/job-uid": "u-1",
         "kubetune.dev/replica-index": "1",
+        "kubetune.dev/attempt": "2",
     }
+    assert "annotations" not in pod["metadata"]
     assert pod["spec"]["hostname"] == "quickstart-worker-1"
     assert pod["spec"]["subdomain"] == "quickstart-workers"
     assert pod["spec"]["restartPolicy"] == "Never"
 
 
-def test_worker_pod_mounts_config_and_workdir() -> None:
+def test_worker_pod_mounts_config_workdir_and_shared_memory() -> None:
     pod = build_worker_pod(JOB, QUICKSTART, 0, OperatorSettings())
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
     assert volumes["trainer-config"]["configMap"]["name"] == "quickstart-trainer-config"
-    assert "emptyDir" in volumes["workdir"]
+    assert volumes["workdir"] == {"name": "workdir", "emptyDir": {}}
+    assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
     mounts = {mount["mountPath"]: mount for mount in _container(pod)["volumeMounts"]}
     assert mounts["/etc/kubetune"] == {"name": "trainer-config", "mountPath": "/etc/kubetune", "readOnly": True}
     assert mounts["/tmp"]["name"] == "workdir"
+    assert mounts["/dev/shm"] == {"name": "dshm", "mountPath": "/dev/shm"}
+
+
+@pytest.mark.parametrize("size, expected", [("16Gi", "16Gi"), ("512Mi", "512Mi"), ("0", None), ("0Gi", None),
+                                            ("0.0", None), ("0.5Gi", "0.5Gi")])
+def test_shm_size_sets_the_memory_volume_and_zero_leaves_it_out(size: str, expected: str | None) -> None:
+    pod = build_worker_pod(JOB, parse_spec(minimal_spec(workers={"shmSize": size})), 0, OperatorSettings())
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    mounts = {mount["mountPath"] for mount in _container(pod)["volumeMounts"]}
+    if expected is None:
+        assert "dshm" not in volumes and "/dev/shm" not in mounts
+    else:
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": expected}
+        assert "/dev/shm" in mounts
 
 
 def test_credentials_come_from_the_secret_by_reference_only() -> None:
-    env = {item["name"]: item for item in _container(build_worker_pod(JOB, QUICKSTART, 0, OperatorSettings()))["env"]}
+    env = _env(build_worker_pod(JOB, QUICKSTART, 0, OperatorSettings()))
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
         "secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
     }
@@ -117,20 +175,170 @@ def test_credentials_come_from_the_secret_by_reference_only() -> None:
 
 
 def test_no_credentials_env_without_a_secret() -> None:
-    env = [
-        item["name"]
-        for item in _container(build_worker_pod(JOB, parse_spec(minimal_spec()), 0, OperatorSettings()))["env"]
-    ]
-    assert env == ["POD_NAME", "POD_NAMESPACE", "OMP_NUM_THREADS"]
+    # Nothing AWS_* at all: the trainer's boto3 then takes its standard chain (IRSA's web identity
+    # token, Pod Identity, instance metadata) under spec.workers.serviceAccountName.
+    spec = parse_spec(minimal_spec(workers={"serviceAccountName": "trainer"}))
+    for pod in _every_pod(spec):
+        assert [item["name"] for item in _container(pod)["env"]] == ["POD_NAME", "POD_NAMESPACE", "OMP_NUM_THREADS"]
+        assert pod["spec"]["serviceAccountName"] == "trainer"
 
 
-def test_security_context_meets_restricted_pod_security() -> None:
-    pod = build_worker_pod(JOB, QUICKSTART, 0, OperatorSettings())
-    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    context = _container(pod)["securityContext"]
-    assert context["allowPrivilegeEscalation"] is False
-    assert context["capabilities"] == {"drop": ["ALL"]}
+def test_the_jobs_env_comes_after_kubetunes_so_it_can_refer_to_them() -> None:
+    for pod in _every_pod(EVERYTHING):
+        env = _container(pod)["env"]
+        assert [item["name"] for item in env] == [
+            "POD_NAME", "POD_NAMESPACE", "OMP_NUM_THREADS", "NCCL_DEBUG", "WHERE", "HF_TOKEN"]
+        assert env[3:] == [
+            {"name": "NCCL_DEBUG", "value": "INFO"},
+            {"name": "WHERE", "value": "$(POD_NAMESPACE)/$(POD_NAME)"},
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+        ]
+        assert _container(pod)["envFrom"] == [{"configMapRef": {"name": "nccl-tuning"}},
+                                              {"prefix": "X_", "secretRef": {"name": "extra"}}]
+
+
+def test_identity_and_placement_reach_the_workers_and_the_preflight() -> None:
+    for pod in _every_pod(EVERYTHING):
+        spec = pod["spec"]
+        assert _container(pod)["image"] == "registry.example/trainer:1"
+        assert spec["serviceAccountName"] == "trainer"
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert spec["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 60},
+        ]
+        assert spec["affinity"] == {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}}
+        assert spec["priorityClassName"] == "training-high"
+        assert spec["securityContext"]["runAsUser"] == 2000
+        assert spec["securityContext"]["runAsGroup"] == 3000
+
+
+def test_worker_pods_get_the_gpus_scheduler_and_shared_memory() -> None:
+    pod = build_worker_pod(JOB, EVERYTHING, 1, OperatorSettings())
+    assert pod["spec"]["schedulerName"] == "volcano"
+    assert _container(pod)["resources"] == {
+        "limits": {"cpu": "32", "memory": "400Gi", "nvidia.com/gpu": 8},
+        "requests": {"cpu": "32", "memory": "400Gi"},
+    }
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["spec"]["volumes"]
+    assert {item["name"]: item.get("value") for item in _container(pod)["env"]}["OMP_NUM_THREADS"] == "4"
+
+
+def test_the_preflight_pod_is_no_gang_member() -> None:
+    pod = build_preflight_pod(JOB, EVERYTHING, OperatorSettings())
+    # Never a GPU, the default scheduler, no Kueue pod group, no shared memory, no ports.
+    assert _container(pod)["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"},
+                                            "limits": {"memory": "2Gi"}}
+    assert "schedulerName" not in pod["spec"]
+    assert not any(key in pod["metadata"]["labels"] or key in pod["metadata"].get("annotations", {})
+                   for key in KUEUE_KEYS)
+    assert [volume["name"] for volume in pod["spec"]["volumes"]] == ["trainer-config", "workdir"]
+    assert "ports" not in _container(pod)
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "preflight"
+
+
+def test_a_queued_gang_is_one_kueue_pod_group_per_attempt() -> None:
+    gangs = {attempt: build_workers(JOB, EVERYTHING, OperatorSettings(), attempt)[1:] for attempt in (1, 2)}
+    for attempt, pods in gangs.items():
+        assert len(pods) == 2
+        for pod in pods:
+            assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+            assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == f"quickstart-u-1-{attempt}"
+            assert pod["metadata"]["annotations"] == {
+                "kueue.x-k8s.io/pod-group-total-count": "2",
+                "kueue.x-k8s.io/retriable-in-group": "false",
+            }
+
+
+def test_no_kueue_metadata_without_a_queue() -> None:
+    for pod in _every_pod(QUICKSTART):
+        assert not any(key.startswith("kueue.x-k8s.io/") for key in pod["metadata"]["labels"])
+        assert "annotations" not in pod["metadata"]
+        assert "schedulerName" not in pod["spec"]
+
+
+@pytest.mark.parametrize("name, uid, attempt", [
+    ("x" * 52, "6f1c2a4e-0b7d-4e8f-9a1b-2c3d4e5f6a7b", 1),
+    ("x" * 52, "6f1c2a4e-0b7d-4e8f-9a1b-2c3d4e5f6a7b", 123456),
+    ("a-b", "6f1c2a4e-0b7d-4e8f-9a1b-2c3d4e5f6a7b", 3),
+])
+def test_pod_group_names_are_label_values_and_unique_per_job_and_attempt(name: str, uid: str, attempt: int) -> None:
+    import re
+
+    group = pod_group_name(JobRef(name=name, namespace="ns", uid=uid), attempt)
+    assert len(group) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", group), group
+    assert group.endswith(f"-6f1c2a4e-{attempt}")
+    assert group != pod_group_name(JobRef(name=name, namespace="ns", uid=uid), attempt + 1)
+
+
+# Pod Security Standards, "restricted" profile (v1.30+): https://kubernetes.io/docs/concepts/security/pod-security-standards/
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in ``pod`` the "restricted" Pod Security level forbids (its baseline checks too)."""
+    spec = pod["spec"]
+    found = []
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            found.append(key)
+    pod_context = spec.get("securityContext") or {}
+    for volume in spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: {kinds - RESTRICTED_VOLUMES}")
+    if pod_context.get("runAsUser") == 0:
+        found.append("pod runAsUser 0")
+    for key in ("sysctls", "windowsOptions"):
+        if pod_context.get(key):
+            found.append(f"pod {key}")
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        context = container.get("securityContext") or {}
+        name = container["name"]
+        if context.get("privileged"):
+            found.append(f"{name}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation must be false")
+        capabilities = context.get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or []):
+            found.append(f"{name}: capabilities must drop ALL")
+        if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities")
+        if not (context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))):
+            found.append(f"{name}: runAsNonRoot must be true")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser 0")
+        seccomp = context.get("seccompProfile") or pod_context.get("seccompProfile") or {}
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            found.append(f"{name}: hostPort")
+        if context.get("procMount", "Default") != "Default":
+            found.append(f"{name}: procMount")
+        if (context.get("seLinuxOptions") or {}).get("user") or (context.get("seLinuxOptions") or {}).get("role"):
+            found.append(f"{name}: seLinuxOptions")
+    return found
+
+
+@pytest.mark.parametrize("spec", [QUICKSTART, EVERYTHING, parse_spec(GPU_EXAMPLE["spec"])],
+                         ids=["quickstart", "every-knob", "gpu-scheduling-example"])
+def test_every_pod_meets_restricted_pod_security(spec) -> None:
+    for pod in _every_pod(spec):
+        assert restricted_violations(pod) == [], pod["metadata"]["name"]
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["securityContext"]["runAsUser"] >= 1
+        assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["spec"]["automountServiceAccountToken"] is False  # the trainer never calls the API
+
+
+def test_runs_as_uid_and_gid_1000_by_default() -> None:
+    for pod in _every_pod(QUICKSTART):
+        context = pod["spec"]["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"]) == (1000, 1000)
 
 
 @pytest.mark.parametrize(

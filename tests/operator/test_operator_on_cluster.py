@@ -20,6 +20,7 @@ import yaml
 from crd_tools import CRD_PATH, EXAMPLES
 from kopf.testing import KopfRunner
 from kubernetes import client, config
+from kubetune.cli.demo import Kubectl, install_crd
 from kubetune.localcluster.cluster import LocalCluster
 
 KUBECTL = shutil.which("kubectl", path=os.path.dirname(sys.executable))
@@ -61,9 +62,27 @@ class Cluster:
             "kubetune.dev", "v1alpha1", self.namespace, "finetunejobs", "quickstart"
         )
 
-    def pods(self) -> list[dict[str, Any]]:
-        found = self.core.list_namespaced_pod(self.namespace, label_selector="kubetune.dev/job-name=quickstart")
+    def pods(self, component: str = "worker") -> list[dict[str, Any]]:
+        found = self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"kubetune.dev/job-name=quickstart,app.kubernetes.io/component={component}")
         return self.api.sanitize_for_serialization(found)["items"]
+
+    def pass_preflight(self) -> dict[str, Any]:
+        """Play the node for the preflight pod: it ran and every check passed."""
+        (pod,) = eventually(lambda: self.pods("preflight"), "the preflight pod")
+        self.set_pod_phase(pod["metadata"]["name"], "Succeeded", exit_code=0)
+        return pod
+
+    def apply_and_launch(self, text: str | None = None) -> list[dict[str, Any]]:
+        """Apply the quickstart (or ``text``), pass its preflight, return its two worker pods."""
+        self.apply_example(EXAMPLES / "quickstart.yaml", text=text)
+        self.pass_preflight()
+        return eventually(lambda: len(self.pods()) == 2 and self.pods(), "two worker pods created")
+
+    def run_gang(self) -> None:
+        for name in WORKERS:
+            self.set_pod_phase(name, "Running")
+        eventually(lambda: self.job()["status"]["phase"] == "Running", "job Running")
 
     def set_pod_phase(self, name: str, phase: str, exit_code: int | None = None) -> None:
         status: dict[str, Any] = {"phase": phase}
@@ -75,7 +94,8 @@ class Cluster:
                     "restartCount": 0,
                     "image": "x",
                     "imageID": "",
-                    "state": {"terminated": {"exitCode": exit_code, "reason": "Completed"}},
+                    "state": {"terminated": {"exitCode": exit_code,
+                                             "reason": "Completed" if exit_code == 0 else "Error"}},
                 }
             ]
         self.core.patch_namespaced_pod_status(name, self.namespace, {"status": status})
@@ -111,10 +131,7 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
 @pytest.fixture(scope="module")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(state_dir=tmp_path_factory.mktemp("control-plane"), node=False) as local:
-        subprocess.run([KUBECTL, "--kubeconfig", str(local.kubeconfig), "apply", "-f", str(CRD_PATH)],
-                       check=True, capture_output=True)
-        subprocess.run([KUBECTL, "--kubeconfig", str(local.kubeconfig), "wait", "--for=condition=Established",
-                        "crd/finetunejobs.kubetune.dev", "--timeout=60s"], check=True, capture_output=True)
+        install_crd(Kubectl(str(local.kubeconfig)), CRD_PATH.parents[1])
         yield local
 
 
@@ -144,8 +161,13 @@ def test_bad_example_is_rejected_by_kubectl_apply_naming_the_field(cluster: Clus
     assert "spec.workers.replicas" in result.stderr
 
 
-def test_quickstart_runs_to_succeeded_and_is_cleaned_up(cluster: Cluster, operator: None) -> None:
+def test_quickstart_validates_runs_to_succeeded_and_is_cleaned_up(cluster: Cluster, operator: None) -> None:
     cluster.apply_example(EXAMPLES / "quickstart.yaml")
+    eventually(lambda: cluster.job().get("status", {}).get("phase") == "Validating", "job Validating")
+    assert cluster.pods() == []  # no worker (and no GPU) before the preflight passed
+    preflight = cluster.pass_preflight()
+    assert preflight["spec"]["containers"][0]["command"][-1] == "--preflight"
+    assert "nvidia.com/gpu" not in str(preflight["spec"]["containers"][0].get("resources"))
 
     pods = eventually(lambda: len(cluster.pods()) == 2 and cluster.pods(), "two worker pods created")
     job_uid = cluster.job()["metadata"]["uid"]
@@ -170,34 +192,31 @@ def test_quickstart_runs_to_succeeded_and_is_cleaned_up(cluster: Cluster, operat
     assert service.spec.cluster_ip == "None"
     eventually(lambda: cluster.job().get("status", {}).get("phase") == "Pending", "job Pending")
 
-    for name in WORKERS:
-        cluster.set_pod_phase(name, "Running")
-    eventually(lambda: cluster.job()["status"]["phase"] == "Running", "job Running")
+    cluster.run_gang()
     for name in WORKERS:
         cluster.set_pod_phase(name, "Succeeded", exit_code=0)
     cluster.kubectl("wait", "--for=condition=Succeeded", "ftj/quickstart", "--timeout=60s")
+    # kstatus: Ready is what Flux and Argo CD wait for.
+    cluster.kubectl("wait", "--for=condition=Ready", "ftj/quickstart", "--timeout=10s")
 
     status = cluster.job()["status"]
     assert status["phase"] == "Succeeded"
     assert status["adapter"] == {"uri": "s3://adapters/quickstart/"}
     assert status["workers"] == {"active": 0, "succeeded": 2, "failed": 0}
-    assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Created": "True",
-        "Running": "False",
-        "Succeeded": "True",
-        "Failed": "False",
-    }
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Succeeded": "True"}
+    assert status["cost"]["workerSeconds"] >= 0 and status["cost"]["attempts"][0]["attempt"] == 1
     assert "Succeeded" in cluster.kubectl("get", "ftj", "quickstart").stdout
     reasons = eventually(
         lambda: (
-            {reason for _, reason, _ in cluster.events()} >= {"Created", "Running", "Succeeded"} and cluster.events()
+            {reason for _, reason, _ in cluster.events()} >= {"Validating", "Created", "Running", "Succeeded"}
+            and cluster.events()
         ),
-        "Created, Running and Succeeded events",
+        "Validating, Created, Running and Succeeded events",
     )
     assert ("Normal", "Succeeded", "adapter published to s3://adapters/quickstart/") in reasons
 
     cluster.kubectl("delete", "ftj", "quickstart")
-    eventually(lambda: cluster.pods() == [], "worker pods garbage-collected")
+    eventually(lambda: cluster.pods() == [] and cluster.pods("preflight") == [], "pods garbage-collected")
     eventually(
         lambda: (
             not cluster.core.list_namespaced_config_map(
@@ -208,27 +227,55 @@ def test_quickstart_runs_to_succeeded_and_is_cleaned_up(cluster: Cluster, operat
     )
 
 
-def test_failed_worker_fails_the_job_with_a_warning_event(cluster: Cluster, operator: None) -> None:
-    cluster.apply_example(EXAMPLES / "quickstart.yaml")
-    eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
-    cluster.set_pod_phase("quickstart-worker-0", "Running")
+def test_a_failed_worker_restarts_the_gang_until_the_backoff_limit(cluster: Cluster, operator: None) -> None:
+    manifest = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    manifest["spec"]["runPolicy"] = {"backoffLimit": 1}
+    first = cluster.apply_and_launch(yaml.safe_dump(manifest))
+    cluster.run_gang()
     cluster.set_pod_phase("quickstart-worker-1", "Failed", exit_code=3)
+    restarting = eventually(lambda: cluster.job()["status"]["phase"] == "Restarting" and cluster.job()["status"],
+                            "job Restarting")
+    assert restarting["restarts"] == 1 and restarting["lastFailure"]["pod"] == "quickstart-worker-1"
+    assert restarting["lastFailure"]["exitCode"] == 3
+    eventually(lambda: any(event[:2] == ("Warning", "Restarting") for event in cluster.events()), "Restarting event")
+
+    old_uids = {pod["metadata"]["uid"] for pod in first}
+    second = eventually(lambda: len(cluster.pods()) == 2 and not {p["metadata"]["uid"] for p in cluster.pods()} &
+                        old_uids and cluster.pods(), "the second attempt's pods", timeout=60)
+    assert {pod["metadata"]["labels"]["kubetune.dev/attempt"] for pod in second} == {"2"}
+
+    cluster.run_gang()
+    cluster.set_pod_phase("quickstart-worker-0", "Failed", exit_code=137)
     cluster.kubectl("wait", "--for=condition=Failed", "ftj/quickstart", "--timeout=60s")
     status = cluster.job()["status"]
-    assert status["phase"] == "Failed"
-    assert "quickstart-worker-1 failed with exit code 3" in status["message"]
-    eventually(lambda: any(event[:2] == ("Warning", "Failed") for event in cluster.events()), "Failed warning event")
+    assert status["restarts"] == 1 and status["lastFailure"]["attempt"] == 2
+    assert status["message"] == ("pod quickstart-worker-0 failed: killed by SIGKILL; the gang was restarted 1 time "
+                                 "(spec.runPolicy.backoffLimit 1)")
+    # cleanPodPolicy Running: the surviving rank is stopped, the failed one kept for its logs.
+    eventually(lambda: [p["metadata"]["name"] for p in cluster.pods()] == ["quickstart-worker-0"],
+               "the surviving worker deleted, the failed one kept")
+    time.sleep(3)  # and it stays: a later pass must not take the failed pod for a survivor
+    assert [p["metadata"]["name"] for p in cluster.pods()] == ["quickstart-worker-0"]
 
 
-def test_a_spec_edit_is_refused_by_the_api_server(cluster: Cluster, operator: None) -> None:
-    cluster.apply_example(EXAMPLES / "quickstart.yaml")
-    eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
+def test_only_suspend_may_change_and_it_stops_and_restarts_the_gang(cluster: Cluster, operator: None) -> None:
+    cluster.apply_and_launch()
     edit = cluster.kubectl("patch", "ftj", "quickstart", "--type=merge", "-p", '{"spec":{"training":{"maxSteps":60}}}',
                            check=False)
     assert edit.returncode != 0 and "spec is immutable once the job exists" in edit.stderr
-    assert cluster.job()["spec"]["training"]["maxSteps"] == 30 and len(cluster.pods()) == 2
+    assert cluster.job()["spec"]["training"]["maxSteps"] == 150
     # Applying the same manifest again changes nothing, so it is accepted.
     assert "unchanged" in cluster.apply_example(EXAMPLES / "quickstart.yaml").stdout
+
+    cluster.run_gang()
+    cluster.kubectl("patch", "ftj", "quickstart", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    eventually(lambda: cluster.job()["status"]["phase"] == "Suspended" and cluster.pods() == [],
+               "job Suspended, its pods gone")
+    cluster.kubectl("wait", "--for=condition=Suspended", "ftj/quickstart", "--timeout=10s")
+    cluster.kubectl("patch", "ftj", "quickstart", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    pods = eventually(lambda: len(cluster.pods()) == 2 and cluster.pods(), "the gang created again")
+    assert {pod["metadata"]["labels"]["kubetune.dev/attempt"] for pod in pods} == {"2"}
+    assert "restarts" not in cluster.job()["status"]  # a resume is not a restart
 
 
 def test_a_job_name_that_cannot_name_its_service_is_refused_at_admission(cluster: Cluster) -> None:
@@ -238,26 +285,27 @@ def test_a_job_name_that_cannot_name_its_service_is_refused_at_admission(cluster
 
 
 def test_re_applied_job_waits_for_the_old_jobs_pods_and_gets_its_own(cluster: Cluster, operator: None) -> None:
-    cluster.apply_example(EXAMPLES / "quickstart.yaml")
-    old_pods = eventually(lambda: len(cluster.pods()) == 2 and cluster.pods(), "two worker pods created")
+    old_pods = cluster.apply_and_launch() + cluster.pods("preflight")
     old_uid = cluster.job()["metadata"]["uid"]
     # Hold the old pods in Terminating, as a node does while its containers stop.
     for pod in old_pods:
         cluster.core.patch_namespaced_pod(pod["metadata"]["name"], cluster.namespace,
                                           {"metadata": {"finalizers": ["kubetune.dev/test-hold"]}})
     cluster.kubectl("delete", "ftj", "quickstart", "--wait=false")
-    eventually(lambda: all(p["metadata"].get("deletionTimestamp") for p in cluster.pods()), "old pods terminating")
+    eventually(lambda: all(p["metadata"].get("deletionTimestamp") for p in cluster.pods() + cluster.pods("preflight")),
+               "old pods terminating")
 
     cluster.apply_example(EXAMPLES / "quickstart.yaml")
     new_uid = eventually(lambda: cluster.job()["metadata"]["uid"] != old_uid and cluster.job()["metadata"]["uid"],
                          "the new job")
     waiting = eventually(lambda: "waiting for" in cluster.job().get("status", {}).get("message", "")
                          and cluster.job()["status"], "the new job to wait for the old pods")
-    assert waiting["phase"] == "Pending" and old_uid in waiting["message"]
+    assert waiting["phase"] == "Validating" and old_uid in waiting["message"]
 
     for pod in old_pods:
         cluster.core.patch_namespaced_pod(pod["metadata"]["name"], cluster.namespace,
                                           {"metadata": {"finalizers": None}})
+    cluster.pass_preflight()
     pods = eventually(lambda: len(cluster.pods()) == 2 and not any(p["metadata"].get("deletionTimestamp")
                                                                    for p in cluster.pods()) and cluster.pods(),
                       "the new job's own two pods", timeout=90)
@@ -271,7 +319,7 @@ def test_kubectl_explain_and_wide_columns_come_from_the_crd(cluster: Cluster) ->
     assert "GPUs per pod" in explained
     cluster.apply_example(EXAMPLES / "quickstart.yaml")
     wide = cluster.kubectl("get", "ftj", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "WORKERS", "MODEL", "AGE"]
+    assert wide[0].split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "WORKERS", "RESTARTS", "MODEL", "AGE"]
     # No phase or progress before the operator: kubectl shows those cells empty.
     assert wide[1].split()[:3] == ["quickstart", "2", "s3://models/tiny-llama/"]
 
@@ -281,22 +329,40 @@ def test_job_created_before_the_operator_starts_is_picked_up_once(cluster: Clust
     for _ in range(2):  # a restarted operator must not duplicate or disturb anything
         with cluster.run_operator() as runner:
             eventually(
-                lambda: len(cluster.pods()) == 2 and cluster.job().get("status", {}).get("phase") == "Pending",
-                "two worker pods and a Pending job",
+                lambda: len(cluster.pods("preflight")) == 1
+                and cluster.job().get("status", {}).get("phase") == "Validating",
+                "the preflight pod and a Validating job",
             )
         assert runner.exit_code == 0, runner.output
-    assert [reason for _, reason, _ in cluster.events()].count("Created") == 1
+    assert [reason for _, reason, _ in cluster.events()].count("Validating") == 1
 
 
-def test_deleted_worker_of_a_running_job_fails_it(cluster: Cluster, operator: None) -> None:
-    cluster.apply_example(EXAMPLES / "quickstart.yaml")
-    eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
-    for name in WORKERS:
-        cluster.set_pod_phase(name, "Running")
-    eventually(lambda: cluster.job()["status"]["phase"] == "Running", "job Running")
+def test_kubectl_delete_pod_of_a_running_job_restarts_the_gang(cluster: Cluster, operator: None) -> None:
+    cluster.apply_and_launch()
+    cluster.run_gang()
     cluster.kubectl("delete", "pod", "quickstart-worker-1", "--wait=false")
+    status = eventually(lambda: cluster.job()["status"]["phase"] == "Restarting" and cluster.job()["status"],
+                        "job Restarting")
+    assert status["lastFailure"]["reason"] in ("WorkerDeleted", "WorkerMissing")
+    assert "quickstart-worker-1" in status["lastFailure"]["message"]
+
+
+def test_a_finished_job_expires_after_its_ttl_and_its_pods_are_never_recreated(cluster: Cluster,
+                                                                                  operator: None) -> None:
+    manifest = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    manifest["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 8, "backoffLimit": 0, "cleanPodPolicy": "None"}
+    cluster.apply_and_launch(yaml.safe_dump(manifest))
+    cluster.run_gang()
+    cluster.set_pod_phase("quickstart-worker-0", "Failed", exit_code=1)
     cluster.kubectl("wait", "--for=condition=Failed", "ftj/quickstart", "--timeout=60s")
-    assert cluster.job()["status"]["message"] == "worker pod quickstart-worker-1 disappeared while the job was running"
+    assert len(cluster.pods()) == 2  # cleanPodPolicy None keeps them for debugging
+    cluster.kubectl("delete", "pod", "--all", "--wait=false")
+    eventually(lambda: cluster.pods() == [], "pods deleted by hand")
+    time.sleep(2)
+    assert cluster.pods() == [] and cluster.job()["status"]["phase"] == "Failed"
+    eventually(lambda: not cluster.custom.list_namespaced_custom_object(
+        "kubetune.dev", "v1alpha1", cluster.namespace, "finetunejobs")["items"], "the job deleted by its TTL",
+        timeout=30)
 
 
 def test_uneven_batch_is_refused_by_the_api_server_cel_rule(cluster: Cluster, operator: None) -> None:
@@ -329,8 +395,7 @@ def test_progress_is_scraped_from_worker_0_and_the_results_come_from_its_termina
 
     monkeypatch.setenv("KUBETUNE_TRAINER_METRICS_PORT", str(metrics_port))
     with cluster.run_operator(timeout=90):
-        cluster.apply_example(EXAMPLES / "quickstart.yaml")
-        eventually(lambda: len(cluster.pods()) == 2, "two worker pods created")
+        cluster.apply_and_launch()
         for name in WORKERS:
             cluster.core.patch_namespaced_pod_status(name, cluster.namespace, {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
         progress = eventually(lambda: cluster.job()["status"].get("progress"), "progress scraped", timeout=60)

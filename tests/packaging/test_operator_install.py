@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetune.cli.demo import Kubectl, install_crd
 from kubetune.localcluster.cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,10 +45,7 @@ def test_other_commands_name_the_extra_they_need(operator_venv: Path) -> None:
 def test_the_slim_operator_runs_a_job_on_the_real_api(operator_venv: Path, tmp_path: Path) -> None:
     with LocalCluster(state_dir=tmp_path / "cluster", node=False) as cluster:
         kubectl = [KUBECTL, "--kubeconfig", str(cluster.kubeconfig)]
-        subprocess.run([*kubectl, "apply", "-f", str(REPO / "crds" / "finetunejob.yaml")], check=True,
-                       capture_output=True)
-        subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev"],
-                       check=True, capture_output=True)
+        install_crd(Kubectl(str(cluster.kubeconfig)), REPO)
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KUBETUNE_METRICS_PORT": "0"}
         log = tmp_path / "operator.log"
         with open(log, "wb") as sink:
@@ -58,11 +56,11 @@ def test_the_slim_operator_runs_a_job_on_the_real_api(operator_venv: Path, tmp_p
                            capture_output=True)
             deadline = time.monotonic() + 60
             pods = ""
-            while time.monotonic() < deadline and pods.count("quickstart-worker-") < 2:
+            while time.monotonic() < deadline and "pod/quickstart-preflight" not in pods:
                 assert operator.poll() is None, log.read_text()
                 pods = subprocess.run([*kubectl, "get", "pods", "-o", "name"], capture_output=True, text=True).stdout
                 time.sleep(0.5)
-            assert pods.count("quickstart-worker-") == 2, log.read_text()
+            assert "pod/quickstart-preflight" in pods, log.read_text()  # the job's first child: its preflight
         finally:
             operator.terminate()
             operator.wait(30)

@@ -76,6 +76,14 @@ def strict_moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         yield endpoint
 
 
+@pytest.fixture
+def own_moto_endpoint(tmp_path: Path) -> Iterator[str]:
+    """A moto server of the test's own, for a test that changes server-wide settings (such as
+    turning on moto's IAM checks through /moto-api/reset-auth)."""
+    with moto_server(tmp_path / "own-moto.log") as endpoint:
+        yield endpoint
+
+
 @pytest.fixture(scope="session")
 def s3_env(moto_endpoint: str) -> dict[str, str]:
     """Environment a trainer process needs to reach the test S3."""

@@ -35,7 +35,7 @@ def config_with(**sections: dict):
         (None, "cannot read trainer config"),
     ],
 )
-def test_config_errors_exit_1_with_one_line_and_no_traceback(tmp_path: Path, content: dict | None, message: str) -> None:
+def test_config_errors_exit_78_with_one_line_and_no_traceback(tmp_path: Path, content: dict | None, message: str) -> None:
     path = tmp_path / "config.yaml"
     if content is not None:
         path.write_text(yaml.safe_dump(content))
@@ -43,7 +43,7 @@ def test_config_errors_exit_1_with_one_line_and_no_traceback(tmp_path: Path, con
         [sys.executable, "-m", "kubetune.trainer", "--config", str(path)],
         capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 1
+    assert result.returncode == 78  # ExitCode.INVALID_CONFIG: a restart would read the same file
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kubetune-trainer: error: "), result.stderr
     assert message in lines[0]

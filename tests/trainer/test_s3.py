@@ -11,8 +11,8 @@ import pytest
 
 from kubetune.api.spec import Storage
 from kubetune.api.trainer_config import parse_config
-from kubetune.trainer.errors import TrainerError
-from kubetune.trainer.publish import publish_adapter
+from kubetune.trainer.errors import ConfigError, TrainerError
+from kubetune.trainer.publish import publish_adapter, staging_uri
 from kubetune.trainer.s3 import download_file, download_prefix, make_client, parse_s3_uri, upload_file
 
 
@@ -107,18 +107,19 @@ def _adapter(tmp_path: Path) -> Path:
     return adapter
 
 
-def _config(bucket: str):
+def _config(bucket: str, folder: str = "out", uid: str = "uid-a", overwrite: bool = False):
     return parse_config({
         "schemaVersion": 1,
+        "job": {"namespace": "team", "name": "job-a", "uid": uid},
         "model": {"uri": "s3://models/tiny-llama/"},
         "dataset": {"uri": "s3://datasets/q/train.jsonl"},
-        "output": {"adapterUri": f"s3://{bucket}/out"},
+        "output": {"adapterUri": f"s3://{bucket}/{folder}", "overwrite": overwrite},
     })
 
 
 def test_publish_stages_verifies_copies_then_writes_the_manifest_last(client, s3_client, bucket: str, tmp_path: Path) -> None:
     recorder = RecordingClient(client)
-    publish_adapter(recorder, _adapter(tmp_path), _config(bucket), {"finalLoss": 1.5, "steps": 3})
+    published = publish_adapter(recorder, _adapter(tmp_path), _config(bucket), {"finalLoss": 1.5, "steps": 3})
 
     kinds = [kind for kind, _ in recorder.writes]
     assert kinds == ["upload_file", "upload_file", "copy", "copy", "put_object", "delete_objects"], recorder.writes
@@ -130,7 +131,11 @@ def test_publish_stages_verifies_copies_then_writes_the_manifest_last(client, s3
     listed = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
     assert listed == {"out/adapter_config.json", "out/adapter_model.safetensors", "out/manifest.json"}
 
-    manifest = json.loads(s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
+    document = s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read()
+    manifest = json.loads(document)
+    assert published.sha256 == hashlib.sha256(document).hexdigest()  # for the termination message
+    assert published.manifest == manifest
+    assert manifest["job"] == {"namespace": "team", "name": "job-a", "uid": "uid-a"}  # who published it
     for entry in manifest["files"]:
         body = s3_client.get_object(Bucket=bucket, Key=f"out/{entry['path']}")["Body"].read()
         assert (entry["size"], entry["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
@@ -162,8 +167,10 @@ def test_failed_verification_publishes_nothing_and_cleans_up(client, s3_client, 
     s3_client.put_object(Bucket=bucket, Key="out/manifest.json", Body=b'{"old": true}')
     corrupting = CorruptingClient(client, "adapter_model.safetensors", tmp_path)
 
-    with pytest.raises(TrainerError, match=r"adapter_model.safetensors: uploaded object does not match .*size 799 vs 800.*not published"):
-        publish_adapter(corrupting, _adapter(tmp_path), _config(bucket), {"steps": 3})
+    mismatch = r"adapter_model.safetensors: uploaded object does not match .*size 799 vs 800.*not published"
+    with pytest.raises(TrainerError, match=mismatch) as raised:
+        publish_adapter(corrupting, _adapter(tmp_path), _config(bucket, overwrite=True), {"steps": 3})
+    assert raised.value.exit_code == 1  # maybe a flaky proxy: worth a restart
 
     listed = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
     assert listed == {"out/manifest.json"}  # nothing copied into place, staging removed
@@ -174,8 +181,58 @@ def test_failed_verification_publishes_nothing_and_cleans_up(client, s3_client, 
 def test_republishing_removes_the_old_manifest_before_files_change(client, s3_client, bucket: str, tmp_path: Path) -> None:
     s3_client.put_object(Bucket=bucket, Key="out/manifest.json", Body=b'{"old": true}')
     recorder = RecordingClient(client)
-    publish_adapter(recorder, _adapter(tmp_path), _config(bucket), {"steps": 3})
+    publish_adapter(recorder, _adapter(tmp_path), _config(bucket, overwrite=True), {"steps": 3})
     kinds = [kind for kind, _ in recorder.writes]
     assert kinds.index("delete_object") < kinds.index("copy")
     manifest = json.loads(s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
     assert manifest["results"] == {"steps": 3}
+
+
+def test_another_jobs_adapter_is_replaced_only_with_overwrite(client, s3_client, bucket: str, tmp_path: Path) -> None:
+    publish_adapter(client, _adapter(tmp_path), _config(bucket, uid="uid-a"), {"steps": 1})
+    before = s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read()
+
+    # Another job (another uid) aimed at the same adapterUri: refused before any write.
+    recorder = RecordingClient(client)
+    with pytest.raises(ConfigError) as raised:
+        publish_adapter(recorder, tmp_path / "adapter", _config(bucket, uid="uid-b"), {"steps": 2})
+    assert str(raised.value) == (
+        f"spec.output.adapterUri s3://{bucket}/out/ already holds a published adapter (manifest.json of job "
+        "team/job-a uid uid-a); set spec.output.overwrite: true to replace it, or choose another adapterUri")
+    assert raised.value.exit_code == 78
+    assert recorder.writes == []
+    assert s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read() == before
+
+    # The same job again (a restart after it published) replaces its own adapter.
+    publish_adapter(client, tmp_path / "adapter", _config(bucket, uid="uid-a"), {"steps": 3})
+    assert _published(s3_client, bucket)["results"] == {"steps": 3}
+    # With overwrite the other job may replace it, and then owns it.
+    publish_adapter(client, tmp_path / "adapter", _config(bucket, uid="uid-b", overwrite=True), {"steps": 4})
+    assert (_published(s3_client, bucket)["results"], _published(s3_client, bucket)["job"]["uid"]) == (
+        {"steps": 4}, "uid-b")
+
+
+def test_a_manifest_that_names_no_job_belongs_to_no_job(client, s3_client, bucket: str, tmp_path: Path) -> None:
+    s3_client.put_object(Bucket=bucket, Key="out/manifest.json", Body=b"not json")
+    with pytest.raises(ConfigError, match=r"holds a published adapter \(a manifest.json that names no kubetune job\)"):
+        publish_adapter(client, _adapter(tmp_path), _config(bucket, uid=""), {"steps": 1})
+
+
+def test_an_adapter_uri_at_a_bucket_root_is_staged_inside_that_bucket(client, s3_client, bucket: str,
+                                                                     tmp_path: Path) -> None:
+    assert staging_uri(f"s3://{bucket}/").startswith(f"s3://{bucket}/.kubetune-staging-")
+    assert staging_uri(f"s3://{bucket}/a/b/").startswith(f"s3://{bucket}/a/b.staging-")
+    buckets = {b["Name"] for b in s3_client.list_buckets()["Buckets"]}
+    recorder = RecordingClient(client)
+
+    publish_adapter(recorder, _adapter(tmp_path), _config(bucket, folder=""), {"steps": 3})
+
+    staged = [key for kind, key in recorder.writes if kind == "upload_file"]
+    assert staged and all(key.startswith(".kubetune-staging-") for key in staged), recorder.writes
+    assert {b["Name"] for b in s3_client.list_buckets()["Buckets"]} == buckets
+    listed = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert listed == {"adapter_config.json", "adapter_model.safetensors", "manifest.json"}  # staging removed
+
+
+def _published(s3_client, bucket: str) -> dict:
+    return json.loads(s3_client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())

@@ -167,6 +167,10 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
     summary = json.loads(termination_log.read_text())
     assert summary["outcome"] == "Succeeded" and summary["adapterUri"] == f"s3://adapters/{prefix}/"
     assert (summary["steps"], summary["totalSteps"], summary["finalLoss"]) == (10, 10, results["finalLoss"])
+    # ...and which publish is this job's: the digest of manifest.json as it is in S3.
+    document = s3_client.get_object(Bucket="adapters", Key=f"{prefix}/manifest.json")["Body"].read()
+    assert summary["manifestSha256"] == hashlib.sha256(document).hexdigest()
+    assert manifest["job"] == {"namespace": "default", "name": prefix, "uid": f"uid-{prefix}"}
 
     # 6. The adapter loads onto the base model with PEFT and changes its logits (under ZeRO-3
     #    an adapter saved without gathering would hold empty tensors and fail here).
@@ -209,6 +213,7 @@ def test_a_bad_dataset_fails_the_job_with_the_line_and_field_named(
     assert result.returncode != 0
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["outcome"] == "Failed" and "line 1: field 'body' is missing" in summary["error"], summary
+    assert summary["exitCode"] == 65  # ExitCode.INVALID_DATA: the operator fails the job, no restart
     assert (
         f"kubetune-trainer: error: {uploaded_assets['train']} line 1: field 'body' is missing "
         "(set dataset.textField" in result.stdout
@@ -232,8 +237,10 @@ def test_a_hung_rank_ends_the_others_within_the_collective_timeout(
     }
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    termination_log = tmp_path / "termination-log"
     env = {**s3_env, "KUBETUNE_WORKDIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1",
-           "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS": "20", "FAULT": "hang", "FAULT_RANK": "1", "FAULT_AFTER_STEP": "2"}
+           "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS": "20", "FAULT": "hang", "FAULT_RANK": "1", "FAULT_AFTER_STEP": "2",
+           "KUBETUNE_TERMINATION_LOG": str(termination_log)}
 
     result = run_torchrun(config_path, env, master_port=unused_port(), timeout=400,
                           entry=(str(Path(__file__).with_name("faulty_recipe.py")),))
@@ -243,6 +250,10 @@ def test_a_hung_rank_ends_the_others_within_the_collective_timeout(
     # The survivor says what happened in one line (its termination message), not a traceback.
     assert ("kubetune-trainer: error: a collective operation found no answer from the other workers within "
             "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS (20s)") in result.stdout, result.stdout[-3000:]
+    # A lost peer is worth a restart (exit code 1, not a permanent one), and the hung rank, which
+    # torchrun then stops with SIGTERM, leaves the survivor's reason in the termination message.
+    summary = json.loads(termination_log.read_text())
+    assert summary["exitCode"] == 1 and summary["error"].startswith("a collective operation found no answer"), summary
 
 
 def _value(body: str, name: str) -> float:

@@ -34,7 +34,7 @@ HEADER = (
 )
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-     "description": "Lifecycle phase of the job (Pending, Running, Succeeded, Failed)."},
+     "description": "Lifecycle phase of the job (Validating, Pending, Running, Publishing, Restarting, Suspended, Succeeded, Failed)."},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.display",
      "description": "Optimizer steps done of the total (e.g. 12/30), scraped from rank 0's metrics."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss",
@@ -43,6 +43,8 @@ PRINTER_COLUMNS = [
      "description": "Estimated time left, from the step rate between the last two scrapes that saw a new step."},
     {"name": "Workers", "type": "integer", "jsonPath": ".spec.workers.replicas",
      "description": "Number of worker pods."},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts",
+     "description": "Gang restarts so far."},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri", "priority": 1,
      "description": "Base model folder."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

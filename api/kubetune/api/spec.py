@@ -6,6 +6,7 @@ section by section, the trainer config (``trainer_config.py``).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -197,29 +198,219 @@ class DeepSpeed(ApiModel):
 
 
 Quantity = int | str
+QUANTITY_PATTERN = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+"""A non-negative Kubernetes quantity (1Gi, 512Mi, 2G, 0), as resource.Quantity parses it."""
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+GPU_RESOURCE = "nvidia.com/gpu"
+DnsName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
+
+WORKER_ENV_OWNED = {
+    "POD_NAME": "the pod's name, from the downward API; refer to it as $(POD_NAME) in a value instead",
+    "POD_NAMESPACE": "the pod's namespace, from the downward API; refer to it as $(POD_NAMESPACE) in a value instead",
+    "OMP_NUM_THREADS": "the pod's CPUs divided by its training processes; set the cpu of spec.workers.resources instead",
+}
+"""Environment variables kubetune sets in every trainer container, with what it sets and what to
+do instead. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are kubetune's only while
+spec.storage.credentialsSecret is set (a rule on the whole spec)."""
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 class Resources(ApiModel):
     """Compute resources of each worker pod, as in a container's resources."""
 
+    rules = (
+        Rule(
+            cel=(
+                f"(!has(self.limits) || !('{GPU_RESOURCE}' in self.limits)) && "
+                f"(!has(self.requests) || !('{GPU_RESOURCE}' in self.requests))"
+            ),
+            message=(
+                f"spec.workers.resources must not set {GPU_RESOURCE}: kubetune sets it from the GPUs of each "
+                "worker (one training process per GPU); use spec.workers.gpusPerWorker instead."
+            ),
+            check=lambda r: GPU_RESOURCE not in (r.limits or {}) and GPU_RESOURCE not in (r.requests or {}),
+        ),
+    )
+
     limits: dict[str, Quantity] | None = None
     """Most of each resource a worker may use (cpu, memory, ...); nvidia.com/gpu comes from
-    gpusPerWorker."""
+    gpusPerWorker. The memory limit also bounds /dev/shm (shmSize), which is held in memory."""
     requests: dict[str, Quantity] | None = None
-    """Resources the scheduler reserves for each worker."""
+    """Resources the scheduler reserves for each worker. The cpu (limit, else request) divided by
+    the training processes sets OMP_NUM_THREADS."""
+
+
+class KeySelector(ApiModel):
+    """One key of a ConfigMap or Secret in the job's namespace."""
+
+    name: DnsName
+    """Name of the ConfigMap or Secret."""
+    key: str = Field(min_length=1, max_length=253)
+    """The key whose value is used."""
+    optional: bool | None = None
+    """true: a missing object or key leaves the variable unset instead of keeping the pod from
+    starting."""
+
+
+class FieldSelector(ApiModel):
+    """A field of the pod, as in the downward API."""
+
+    field_path: str = Field(min_length=1, max_length=256)
+    """Path of the field, for example metadata.labels['kubetune.dev/replica-index'] or
+    spec.nodeName."""
+    api_version: str | None = Field(None, min_length=1, max_length=64)
+    """Version of the schema fieldPath is written in; absent = v1."""
+
+
+class ResourceFieldSelector(ApiModel):
+    """A resource limit or request of the trainer container, as in the downward API."""
+
+    resource: str = Field(min_length=1, max_length=253)
+    """limits.cpu, limits.memory, requests.cpu, requests.memory, ..."""
+    container_name: str | None = Field(None, max_length=63)
+    """The container; absent = the trainer."""
+    divisor: str | None = Field(None, pattern=QUANTITY_PATTERN)
+    """Unit of the value (for example 1Mi for memory in MiB, 1m for cpu in millicores); absent = 1."""
+
+
+class EnvVarSource(ApiModel):
+    """Where an environment variable's value comes from: exactly one of the four."""
+
+    rules = (
+        Rule(
+            cel=(
+                "(has(self.fieldRef) ? 1 : 0) + (has(self.resourceFieldRef) ? 1 : 0) + "
+                "(has(self.configMapKeyRef) ? 1 : 0) + (has(self.secretKeyRef) ? 1 : 0) == 1"
+            ),
+            message=(
+                "spec.workers.env[].valueFrom must name exactly one of fieldRef, resourceFieldRef, configMapKeyRef "
+                "and secretKeyRef."
+            ),
+            check=lambda s: sum(ref is not None for ref in (
+                s.field_ref, s.resource_field_ref, s.config_map_key_ref, s.secret_key_ref)) == 1,
+        ),
+    )
+
+    field_ref: FieldSelector | None = None
+    """A field of the pod (name, namespace, labels, annotations, node, IPs, ...)."""
+    resource_field_ref: ResourceFieldSelector | None = None
+    """A resource limit or request of the container."""
+    config_map_key_ref: KeySelector | None = None
+    """A key of a ConfigMap in the job's namespace."""
+    secret_key_ref: KeySelector | None = None
+    """A key of a Secret in the job's namespace."""
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the trainer container, as in a container's env."""
+
+    rules = (
+        Rule(
+            cel="!has(self.value) || !has(self.valueFrom)",
+            message="spec.workers.env[]: value and valueFrom exclude each other; keep one.",
+            check=lambda e: e.value is None or e.value_from is None,
+        ),
+    )
+
+    name: str = Field(min_length=1, max_length=256)
+    """Name of the variable."""
+    value: str | None = None
+    """Its value; $(NAME) refers to a variable defined earlier in the list (kubetune's own,
+    POD_NAME, POD_NAMESPACE and OMP_NUM_THREADS, come first)."""
+    value_from: EnvVarSource | None = None
+    """Where its value comes from instead of value."""
+
+
+class ConfigMapEnvSource(ApiModel):
+    """Every key of a ConfigMap in the job's namespace, as an environment variable."""
+
+    name: DnsName
+    """Name of the ConfigMap."""
+    optional: bool | None = None
+    """true: a missing ConfigMap does not keep the pod from starting."""
+
+
+class SecretEnvSource(ApiModel):
+    """Every key of a Secret in the job's namespace, as an environment variable."""
+
+    name: DnsName
+    """Name of the Secret."""
+    optional: bool | None = None
+    """true: a missing Secret does not keep the pod from starting."""
+
+
+class EnvFromSource(ApiModel):
+    """All keys of one ConfigMap or Secret as environment variables, as in a container's envFrom."""
+
+    rules = (
+        Rule(
+            cel="has(self.configMapRef) != has(self.secretRef)",
+            message="spec.workers.envFrom[] must name exactly one of configMapRef and secretRef.",
+            check=lambda e: (e.config_map_ref is None) != (e.secret_ref is None),
+        ),
+    )
+
+    prefix: str | None = Field(None, max_length=253)
+    """Prepended to every key to make the variable's name."""
+    config_map_ref: ConfigMapEnvSource | None = None
+    """The ConfigMap."""
+    secret_ref: SecretEnvSource | None = None
+    """The Secret."""
+
+
+def _owned_env_rule(name: str, why: str) -> Rule:
+    return Rule(
+        cel=f"!has(self.env) || !self.env.exists(e, e.name == '{name}')",
+        message=f"spec.workers.env must not set {name}: kubetune sets it to {why}.",
+        check=lambda w: all(variable.name != name for variable in w.env or ()),
+    )
 
 
 class Workers(ApiModel):
-    """The gang of worker pods, each running torchrun."""
+    """The gang of worker pods, each running torchrun: their number, GPUs, image, resources,
+    environment, identity and security context."""
+
+    rules = tuple(_owned_env_rule(name, why) for name, why in WORKER_ENV_OWNED.items())
 
     replicas: int = Field(1, ge=1, le=64)
     """Number of worker pods (torchrun nodes)."""
     gpus_per_worker: int = Field(0, ge=0, le=16)
-    """GPUs per pod, one training process each; 0 = one CPU process per pod."""
+    """GPUs per pod, one training process each; 0 = one CPU process per pod. Sets the pod's
+    nvidia.com/gpu limit."""
     image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1)
     """Trainer image; kept at its default, the operator's configured trainer image is used."""
     resources: Resources | None = None
     """Compute resources of each worker pod."""
+    env: tuple[EnvVar, ...] | None = Field(None, max_length=128)
+    """Extra environment variables of the trainer (for example NCCL_DEBUG, HF_HUB_OFFLINE,
+    KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS), after kubetune's own. The names kubetune sets are
+    refused: POD_NAME, POD_NAMESPACE, OMP_NUM_THREADS, and AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY while storage.credentialsSecret is set. The preflight pod gets them too."""
+    env_from: tuple[EnvFromSource, ...] | None = Field(None, max_length=32)
+    """ConfigMaps and Secrets whose keys all become environment variables of the trainer (and of
+    the preflight pod); a variable in env, kubetune's included, wins over one of the same name
+    from here."""
+    service_account_name: DnsName | None = None
+    """ServiceAccount the worker and preflight pods run as; absent = the namespace's default.
+    With an account bound to cloud credentials (EKS IAM roles for service accounts or Pod
+    Identity, GKE or AKS workload identity) leave storage.credentialsSecret unset: the trainer then
+    takes its S3 credentials from the standard AWS chain (web identity token, container
+    credentials, instance metadata)."""
+    image_pull_secrets: tuple[DnsName, ...] | None = Field(None, max_length=16)
+    """Names of Secrets (type kubernetes.io/dockerconfigjson) in the job's namespace for pulling
+    the trainer image from a private registry."""
+    shm_size: str = Field("1Gi", pattern=QUANTITY_PATTERN)
+    """Size of /dev/shm, a memory-backed emptyDir: NCCL's shared-memory transport between the
+    GPUs of one pod and DataLoader workers use it, and a container runtime's default (often 64Mi)
+    is too small for either. It counts against the pod's memory limit. 0 = no such volume (the
+    runtime's default /dev/shm)."""
+    run_as_user: int = Field(1000, ge=1, le=2147483647)
+    """User ID the trainer runs as (the pod's securityContext.runAsUser; never 0, as Pod Security
+    "restricted" requires). The image's files must be readable by it; it writes only under /tmp."""
+    run_as_group: int = Field(1000, ge=0, le=2147483647)
+    """Primary group ID of the trainer's processes (securityContext.runAsGroup)."""
 
     @property
     def processes_per_worker(self) -> int:
@@ -229,6 +420,95 @@ class Workers(ApiModel):
     @property
     def world_size(self) -> int:
         return self.replicas * self.processes_per_worker
+
+    @property
+    def shm_enabled(self) -> bool:
+        """Whether the pods get a /dev/shm volume (shmSize is not zero)."""
+        number = re.match(r"^[0-9.]*", self.shm_size).group(0)  # type: ignore[union-attr]
+        return any(digit not in "0." for digit in number)
+
+
+class Toleration(ApiModel):
+    """A taint the worker pods tolerate, as in a pod's tolerations."""
+
+    rules = (
+        Rule(
+            cel="has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+            message=(
+                "spec.scheduling.tolerations[]: a toleration without a key must have operator Exists (it then "
+                "tolerates every taint); set key, or operator: Exists."
+            ),
+            check=lambda t: t.key is not None or t.operator == "Exists",
+        ),
+        Rule(
+            cel="!has(self.value) || self.value == '' || !has(self.operator) || self.operator != 'Exists'",
+            message="spec.scheduling.tolerations[]: operator Exists matches any value; remove value or use Equal.",
+            check=lambda t: not t.value or t.operator != "Exists",
+        ),
+        Rule(
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message=(
+                "spec.scheduling.tolerations[]: tolerationSeconds applies only to effect NoExecute; set "
+                "effect: NoExecute or remove tolerationSeconds."
+            ),
+            check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+        ),
+    )
+
+    key: str | None = Field(None, min_length=1, max_length=316)
+    """Taint key to match; absent (with operator Exists) = every taint."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Equal (the default) matches the taint's value; Exists matches any value."""
+    value: str | None = Field(None, max_length=63)
+    """Taint value to match with operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; absent = every effect."""
+    toleration_seconds: int | None = None
+    """With effect NoExecute: how long the pod stays bound after the taint appears; absent =
+    for ever."""
+
+
+class Affinity(ApiModel):
+    """Node affinity and inter-pod (anti-)affinity of the worker pods, as in a pod's affinity;
+    each part is passed to the pods as written (the API server checks it when the pods are
+    created)."""
+
+    node_affinity: dict[str, Any] | None = None
+    """requiredDuringSchedulingIgnoredDuringExecution and preferredDuringSchedulingIgnoredDuringExecution
+    node selector terms (for example a GPU product or an availability zone)."""
+    pod_affinity: dict[str, Any] | None = None
+    """Pods the workers must or should run near (by topologyKey)."""
+    pod_anti_affinity: dict[str, Any] | None = None
+    """Pods the workers must or should keep away from (for example one worker per node:
+    topologyKey kubernetes.io/hostname on the label kubetune.dev/job-name)."""
+
+
+class Scheduling(ApiModel):
+    """Where and how the worker pods are placed and queued: node selection, taints, affinity,
+    priority, a gang scheduler, a Kueue queue. The preflight pod gets the same node selection,
+    tolerations, affinity and priority class, but the default scheduler and no queue."""
+
+    node_selector: dict[str, str] | None = None
+    """Node labels the worker pods require (for example nvidia.com/gpu.product:
+    NVIDIA-H100-80GB-HBM3)."""
+    tolerations: tuple[Toleration, ...] | None = Field(None, max_length=64)
+    """Taints the worker pods tolerate (for example nvidia.com/gpu, effect NoSchedule, on GPU
+    nodes)."""
+    affinity: Affinity | None = None
+    """Node affinity and pod (anti-)affinity of the worker pods."""
+    priority_class_name: DnsName | None = None
+    """PriorityClass of the worker (and preflight) pods: their priority for scheduling and
+    preemption; Kueue also orders its queue by it."""
+    scheduler_name: DnsName | None = None
+    """Scheduler of the worker pods, for example volcano or scheduler-plugins' coscheduling
+    profile; absent = the cluster's default scheduler. A gang scheduler's own pod-group labels
+    or annotations are not set by kubetune."""
+    queue_name: str | None = Field(None, pattern=LABEL_VALUE_PATTERN, max_length=63)
+    """Kueue LocalQueue in the job's namespace: the worker pods of each attempt are queued as one
+    Kueue pod group (labels kueue.x-k8s.io/queue-name and kueue.x-k8s.io/pod-group-name, annotation
+    kueue.x-k8s.io/pod-group-total-count) and start only when Kueue admits the whole gang. Needs
+    Kueue's pod integration enabled for the namespace. Kueue does not read labels on a
+    FineTuneJob itself; the same label in its metadata.labels only helps to list jobs by queue."""
 
 
 class Output(ApiModel):
@@ -266,6 +546,10 @@ class Output(ApiModel):
     only. Uploads run in the background; more frequent ones lose less work on a restart."""
     keep_checkpoints: int = Field(2, ge=1)
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+    overwrite: bool = False
+    """Replace an adapter already published at adapterUri (its manifest.json). false: such a job
+    fails while validating, before any worker starts, so no published adapter is lost by a
+    copied manifest."""
 
     @field_validator("adapter_uri", "checkpoint_uri")
     @classmethod
@@ -309,21 +593,72 @@ QUALITY_GATE_NEEDS_EVALUATION_DATA = Rule(
 """Holds for the spec and for the trainer config, which has the same two sections."""
 
 
-SPEC_IS_IMMUTABLE = Rule(
-    cel="self == oldSelf",
-    message=(
-        "spec is immutable once the job exists, so that what runs is what was asked for: delete the job "
-        "and apply it again to change it (with the same spec.output.checkpointUri it resumes from its "
-        "newest complete checkpoint)."
-    ),
+def unchanged_except(model: type[ApiModel], *mutable: str) -> str:
+    """CEL: every field of ``model`` but ``mutable`` (Python names) equals its old value; an
+    optional field counts as unchanged when it stays absent (the API server also checks the
+    rule against the schema's default, ``{}``, before any default inside it is filled in)."""
+    clauses = []
+    for name, field in model.model_fields.items():
+        if name in mutable:
+            continue
+        key = field.alias or name
+        if field.is_required():
+            clauses.append(f"self.{key} == oldSelf.{key}")
+        else:
+            clauses.append(f"(has(self.{key}) ? has(oldSelf.{key}) && self.{key} == oldSelf.{key} : !has(oldSelf.{key}))")
+    return " && ".join(clauses)
+
+
+IMMUTABLE_MESSAGE = (
+    "spec is immutable once the job exists, so that what runs is what was asked for; only "
+    "spec.runPolicy.suspend may change. Delete the job and apply it again to change anything else "
+    "(with the same spec.output.checkpointUri it resumes from its newest complete checkpoint)."
 )
+
+
+class RunPolicy(ApiModel):
+    """How the job runs, restarts and ends (as a Kubernetes Job's and Kubeflow's run policy)."""
+
+    suspend: bool = False
+    """true stops the workers and keeps the progress (a checkpoint is written on the way out when
+    output.checkpointUri is set and the trainer has time); false starts them again, resuming from
+    the newest complete checkpoint. The only field that may change after creation; a queue
+    controller such as Kueue creates jobs suspended and resumes them when admitted."""
+    backoff_limit: int = Field(3, ge=0, le=100)
+    """Gang restarts allowed after a worker fails, disappears or stalls; each restart recreates
+    every worker, which resumes from the newest complete checkpoint. Bad input (config, data,
+    credentials, the quality gate) fails the job at once, without a restart."""
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    """Longest the job may run, counted from when its workers first ran (again, after a
+    suspend); then it fails with reason DeadlineExceeded, whatever restarts are left."""
+    stall_timeout_seconds: int | None = Field(None, ge=1)
+    """A running job that shows no new optimizer step for this long is restarted (reason
+    Stalled, counting against backoffLimit): a hung rank holds its GPUs otherwise. Counted from
+    each attempt's first new step, so the model download and start-up are not a stall; allow
+    for evaluation and checkpoint uploads. Absent = no stall detection."""
+    startup_timeout_seconds: int = Field(600, ge=1)
+    """Longest a worker may stay unable to start (unschedulable, image pull failure, a missing
+    Secret or key) before the job fails with the pod's own reason; until then the reason is in
+    status.message."""
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    """Delete the FineTuneJob (and with it its pods) this long after it Succeeded or Failed;
+    absent = keep it."""
+    clean_pod_policy: Literal["Running", "All", "None"] = "Running"
+    """What happens to the pods when the job finishes: Running deletes those still running
+    (a failed gang's surviving ranks), All deletes every pod, None keeps them all for debugging."""
+    skip_preflight: bool = False
+    """Start the workers without the preflight pod (which checks credentials, model, dataset and
+    output prefixes on a CPU first). A bad input then fails only once the workers run."""
+
+
+# A transition rule (no Python check): only the API server sees the old object.
+RunPolicy.rules = (Rule(cel=unchanged_except(RunPolicy, "suspend"), message=IMMUTABLE_MESSAGE),)
 
 
 class FineTuneJobSpec(ApiModel):
     """What to train, with what, and where to put the result. Immutable once created."""
 
     rules = (
-        SPEC_IS_IMMUTABLE,
         Rule(
             cel=(
                 "self.training.globalBatchSize % (self.training.microBatchSize * self.workers.replicas * "
@@ -337,6 +672,20 @@ class FineTuneJobSpec(ApiModel):
             check=lambda s: s.training.global_batch_size % (s.training.micro_batch_size * s.workers.world_size) == 0,
         ),
         QUALITY_GATE_NEEDS_EVALUATION_DATA,
+        Rule(
+            cel=(
+                "!has(self.storage.credentialsSecret) || !has(self.workers.env) || "
+                "!self.workers.env.exists(e, e.name == 'AWS_ACCESS_KEY_ID' || e.name == 'AWS_SECRET_ACCESS_KEY')"
+            ),
+            message=(
+                "spec.workers.env must not set AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY while "
+                "spec.storage.credentialsSecret is set: kubetune sets them from that Secret. Use "
+                "spec.storage.credentialsSecret alone, or remove it and set both in spec.workers.env (for example "
+                "from a Secret with other key names)."
+            ),
+            check=lambda s: s.storage.credentials_secret is None
+            or all(variable.name not in CREDENTIAL_ENV for variable in s.workers.env or ()),
+        ),
     )
 
     model: ModelSource
@@ -351,12 +700,23 @@ class FineTuneJobSpec(ApiModel):
     """DeepSpeed ZeRO settings."""
     workers: Workers = Workers()
     """The worker pods."""
+    scheduling: Scheduling = Scheduling()
+    """Where and how the worker pods are placed and queued."""
     output: Output
     """Where the adapter and the checkpoints go."""
     quality_gate: QualityGate = QualityGate()
     """What the adapter must achieve to be published."""
     storage: Storage = Storage()
     """The S3-compatible store."""
+    run_policy: RunPolicy = RunPolicy()
+    """How the job runs, restarts and ends."""
+
+
+# runPolicy checks its own fields (all but suspend); every other section must stay as created.
+FineTuneJobSpec.rules = (
+    Rule(cel=unchanged_except(FineTuneJobSpec, "run_policy"), message=IMMUTABLE_MESSAGE),
+    *FineTuneJobSpec.rules,
+)
 
 
 def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:

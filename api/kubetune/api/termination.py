@@ -10,6 +10,7 @@ bytes, so an overlong error is cut rather than the JSON left unparsable.
 from __future__ import annotations
 
 import json
+from enum import IntEnum
 from typing import Literal
 
 from pydantic import ConfigDict, ValidationError
@@ -18,6 +19,37 @@ from kubetune.api.model import ApiModel
 
 MAX_BYTES = 4096
 DEFAULT_PATH = "/dev/termination-log"
+
+
+class ExitCode(IntEnum):
+    """How a trainer process exits. The codes for bad input follow sysexits.h; torchrun exits 1
+    whatever its ranks did, so the code also travels in the termination message, where the
+    operator reads it."""
+
+    SUCCEEDED = 0
+    FAILED = 1
+    """Anything else (a crash, a lost peer, a flaky network): the gang restarts from the newest
+    checkpoint, within spec.runPolicy.backoffLimit."""
+    INVALID_DATA = 65
+    """The dataset cannot be used as written (a bad line, no example left to train on)."""
+    NO_ACCESS = 77
+    """S3 refused the credentials, or a bucket or key does not exist."""
+    INVALID_CONFIG = 78
+    """The trainer config (the job's spec) cannot run as written."""
+    QUALITY_GATE = 79
+    """The adapter missed spec.qualityGate; it was not published."""
+    PREFLIGHT_FAILED = 80
+    """``--preflight`` found a problem; its lines are in the error."""
+    STOPPED = 143
+    """Stopped on SIGTERM (128 + 15, as a shell reports it): the pod was deleted (suspend, a gang
+    restart, the job deleted); with checkpoints, after a checkpoint of the step it stopped at."""
+
+
+PERMANENT_EXIT_CODES = frozenset({
+    ExitCode.INVALID_DATA, ExitCode.NO_ACCESS, ExitCode.INVALID_CONFIG, ExitCode.QUALITY_GATE,
+    ExitCode.PREFLIGHT_FAILED,
+})
+"""Bad input: a restart would fail the same way, so the job fails at once."""
 
 
 class TerminationMessage(ApiModel):
@@ -42,6 +74,15 @@ class TerminationMessage(ApiModel):
     """Where the adapter was published."""
     error: str | None = None
     """The one-line error of a failed run."""
+    exit_code: int | None = None
+    """The trainer's own exit code (ExitCode), which torchrun does not pass on."""
+    manifest_sha256: str | None = None
+    """sha256 of the published manifest.json: which publish this job owns."""
+
+    @property
+    def permanent(self) -> bool:
+        """A failure no restart can cure (bad input)."""
+        return self.outcome == "Failed" and self.exit_code in PERMANENT_EXIT_CODES
 
     def render(self) -> str:
         """Compact JSON of at most MAX_BYTES bytes (a long error is cut, marked with "...")."""
@@ -58,8 +99,9 @@ class TerminationMessage(ApiModel):
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
-    def failed(cls, error: str) -> TerminationMessage:
-        return cls(outcome="Failed", error=" ".join(str(error).split()))  # one line, whatever it held
+    def failed(cls, error: str, exit_code: int = ExitCode.FAILED) -> TerminationMessage:
+        # One line, whatever it held.
+        return cls(outcome="Failed", error=" ".join(str(error).split()), exit_code=int(exit_code))
 
     @classmethod
     def parse(cls, text: str | None) -> TerminationMessage | None:

@@ -14,7 +14,7 @@ Example (the quickstart, shortened)::
     model: {uri: "s3://models/tiny-llama/"}
     dataset: {uri: "s3://datasets/quickstart/train.jsonl", format: text, ...}
     lora: {r: 8, alpha: 16, dropout: 0.05, targetModules: [q_proj, v_proj]}
-    training: {epochs: 1, maxSteps: 30, learningRate: 0.001, microBatchSize: 4, ...}
+    training: {epochs: 5, maxSteps: 150, learningRate: 0.001, microBatchSize: 4, ...}
     deepspeed: {zeroStage: 2, offload: none, config: null}
     output: {adapterUri: "s3://adapters/quickstart/", checkpointUri: null, ...}
     qualityGate: {maxEvalLoss: null}

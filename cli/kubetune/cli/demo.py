@@ -54,10 +54,14 @@ class Kubectl:
 
     kubeconfig: str
 
+    def command(self, *args: str) -> list[str]:
+        """The kubectl command line for ``args`` against this cluster."""
+        return [_bin("kubectl"), "--kubeconfig", self.kubeconfig, *args]
+
     def run(self, *args: str, input: str | None = None, check: bool = True,
             capture: bool = True, timeout: float | None = 120) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [_bin("kubectl"), "--kubeconfig", self.kubeconfig, *args],
+            self.command(*args),
             input=input, text=True, capture_output=capture, timeout=timeout,
         )
         if check and result.returncode != 0:
@@ -98,9 +102,16 @@ def local_cluster(state_dir: Path) -> Iterator[ClusterInfo]:
                        text=True, capture_output=True)
 
 
-def install_crd(kubectl: Kubectl, repo: Path) -> None:
+def install_crd(kubectl: Kubectl, repo: Path, timeout: float = 60) -> None:
     kubectl.run("apply", "-f", str(repo / "crds" / "finetunejob.yaml"))
-    kubectl.run("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    # Polled, not `kubectl wait --for=condition=Established`: that (like a jsonpath filter) errors
+    # out when it looks before the API server has written the CRD's first conditions.
+    deadline = time.monotonic() + timeout
+    established = '{.status.conditions[?(@.type=="Established")].status}'
+    while kubectl.run("get", f"crd/{CRD_NAME}", "-o", f"jsonpath={established}", check=False).stdout.strip() != "True":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"crd/{CRD_NAME} was not Established within {timeout:.0f}s")
+        time.sleep(0.2)
 
 
 def create_credentials_secret(kubectl: Kubectl, namespace: str = "default") -> None:

@@ -37,10 +37,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--network", choices=["auto", "netns", "loopback"], default="auto",
         help="pod network: netns needs root and iproute2; loopback gives no isolation",
     )
+    up.add_argument(
+        "--image", action="append", default=[], metavar="REPOSITORY", type=_image,
+        help="an image the node runs besides kubetune/trainer and kubetune/operator, any tag or digest "
+             "(repeatable); a pod with another image waits in ErrImagePull",
+    )
     down = sub.add_parser("down", help="stop the cluster recorded in <dir>/cluster.json")
     down.add_argument("--dir", default=DEFAULT_DIR)
     status = sub.add_parser("status", help="say whether a local cluster runs and where")
     status.add_argument("--dir", default=DEFAULT_DIR)
+
+
+def _image(value: str) -> str:
+    # Imported here: the node agent's package loads aiohttp, which `down` and `status` do without.
+    from kubetune.localcluster.kubelet.images import InvalidImageName, parse
+
+    try:
+        parse(value)
+    except InvalidImageName as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is no image reference: {err}") from None
+    return value
 
 
 def _info_path(directory: Path) -> Path:
@@ -73,18 +89,19 @@ def _banner(info: dict) -> str:
         f"# S3 endpoint (host): {info['s3Endpoint']}\n"
         f"# S3 endpoint (pods): {info['s3ClusterEndpoint']}\n"
         f"# control plane logs: {info.get('logs', '')}\n"
+        f"# images the node runs (any tag): {', '.join(info.get('images', []))} (more: `up --image REPOSITORY`)\n"
         "# try: kubectl get nodes; kubectl api-resources; then `kubetune local down`\n"
     )
 
 
-def _up_foreground(directory: Path, network: str) -> int:
+def _up_foreground(directory: Path, network: str, images: list[str]) -> int:
     from kubetune.localcluster.cluster import LocalCluster
 
     info = _read_info(directory)
     if info and pid_alive(int(info["pid"])):
         print(f"a local cluster already runs (pid {info['pid']}); `kubetune local down` first", file=sys.stderr)
         return 1
-    cluster = LocalCluster(state_dir=directory, network=network)
+    cluster = LocalCluster(state_dir=directory, network=network, images=images)
 
     def ready(c: LocalCluster) -> None:
         info = {
@@ -97,6 +114,7 @@ def _up_foreground(directory: Path, network: str) -> int:
             "network": c.network_mode,
             "version": c.version,
             "logs": str(directory / "logs"),
+            "images": c.images.names(),
         }
         path = _info_path(directory)
         path.write_text(json.dumps(info, indent=2) + "\n")
@@ -111,7 +129,7 @@ def _up_foreground(directory: Path, network: str) -> int:
     return 0
 
 
-def _up_detached(directory: Path, network: str) -> int:
+def _up_detached(directory: Path, network: str, images: list[str]) -> int:
     info = _read_info(directory)
     if info and pid_alive(int(info["pid"])):
         print(_banner(info), end="")
@@ -120,7 +138,8 @@ def _up_detached(directory: Path, network: str) -> int:
     log_path = directory / "cluster.log"
     with open(log_path, "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.localcluster", "up", "--dir", str(directory), "--network", network],
+            [sys.executable, "-m", "kubetune.localcluster", "up", "--dir", str(directory), "--network", network,
+             *(arg for image in images for arg in ("--image", image))],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -188,8 +207,8 @@ def main(args: argparse.Namespace) -> int:
     if args.local_command == "up":
         directory.mkdir(parents=True, exist_ok=True)
         if args.detach:
-            return _up_detached(directory, args.network)
-        return _up_foreground(directory, args.network)
+            return _up_detached(directory, args.network, args.image)
+        return _up_foreground(directory, args.network, args.image)
     if args.local_command == "down":
         return _down(directory)
     return _status(directory)

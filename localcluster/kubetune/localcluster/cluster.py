@@ -10,7 +10,8 @@ From the CLI (foreground until SIGINT/SIGTERM)::
     LocalCluster(state_dir=".kubetune").run_forever(on_ready=print_banner)
 
 ``node=False`` starts the control plane alone (envtest's shape: API, controllers and scheduler,
-no node), for tests that play the node themselves.
+no node), for tests that play the node themselves. ``images`` adds repositories the node runs
+to its defaults (``kubelet.images``); a pod with any other image waits in ErrImagePull.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from kubetune.localcluster import leftovers, pki
 from kubetune.localcluster.binaries import find as find_binaries
 from kubetune.localcluster.controlplane import ControlPlane
 from kubetune.localcluster.hostsfile import S3_SERVICE_NAME
 from kubetune.localcluster.kubelet import NODE_NAME, Kubelet
+from kubetune.localcluster.kubelet.images import LocalImages
 from kubetune.localcluster.network import PodNetwork, choose_free_cidr, new_prefix
 from kubetune.localcluster.s3server import S3Server
 
@@ -41,12 +43,18 @@ class LocalCluster:
     """A Kubernetes on this machine, for local mode and tests.
 
     ``network``: "auto" (netns when root with iproute2, else loopback), "netns" or "loopback".
+    ``images``: repositories the node runs besides its defaults, any tag or digest (kept as
+    ``self.images``, a ``LocalImages``; an invalid name raises ``InvalidImageName`` at once).
     Attributes once started: ``kubeconfig`` (admin), ``api_url``, ``s3_endpoint`` (host side),
     ``s3_cluster_endpoint`` (pod side), ``state_dir``, ``prefix``, ``network_mode``,
     ``version`` (Kubernetes'), ``control_plane``.
     """
 
-    def __init__(self, state_dir: str | Path | None = None, network: str = "auto", node: bool = True) -> None:
+    def __init__(
+        self, state_dir: str | Path | None = None, network: str = "auto", node: bool = True,
+        images: Iterable[str] = (),
+    ) -> None:
+        self.images = LocalImages(images)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if state_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="kubetune-local-")
@@ -108,7 +116,7 @@ class LocalCluster:
                 self.s3_cluster_endpoint = f"http://{S3_SERVICE_NAME}:{self._s3.port}"
                 self._kubelet = Kubelet(
                     self.api_url, credentials.ca.cert, credentials.node_client, credentials.node_server,
-                    self._network, self.state_dir, s3_address=address,
+                    self._network, self.state_dir, s3_address=address, images=self.images,
                 )
                 await self._kubelet.start()
             await asyncio.to_thread(self._wait_usable)

@@ -5,9 +5,11 @@
   filtered by the API server (``settings.watching.label_selectors``), not in the operator.
 - A job is reconciled when it is created or found at start-up (with retries and back-off:
   a child name still held by an earlier job's terminating pod is waited for), when one of its
-  pods changes, and every few seconds while it waits for its workers.
-- Rank 0's metrics are scraped into ``status.progress`` while the job runs, asynchronously,
-  with a timeout and a random delay, so a slow or hung pod holds up no other job.
+  pods changes, and every few seconds while it is unfinished (time decides too: back-off,
+  deadlines, stalls, start-up timeouts), or finished with a TTL.
+- Rank 0's metrics are scraped into ``status.progress`` on that tick while the job runs,
+  asynchronously, with a timeout and a random delay, so a slow or hung pod holds up no other
+  job; the reconciler then sees the fresh progress (stall detection, Publishing).
 
 State lives in kopf's ``memo`` (the API client, settings, metrics, one lock per job so a job's
 read-decide-write cycles never interleave), not in module globals. The Kubernetes client is the
@@ -29,18 +31,27 @@ import aiohttp
 import kopf
 from kubernetes.client.exceptions import ApiException
 from kubetune.api import FINAL_PHASES, GROUP, PLURAL, VERSION, JobRef
-from kubetune.operator.kube import Kube, NoCredentialsError, bearer_token, load_credentials
-from kubetune.operator.manifests import JOB_UID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REPLICA_INDEX_LABEL, owned_by
+from kubetune.operator.kube import Kube, NoCredentialsError, bearer_token, load_credentials, status_patch
+from kubetune.operator.manifests import (
+    ATTEMPT_LABEL, JOB_UID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REPLICA_INDEX_LABEL, owned_by,
+)
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.progress import MetricsParseError, derive_progress, metrics_url
-from kubetune.operator.reconcile import Create, Event, Job, Outcome, creation_failed, ours, reconcile, waiting
+from kubetune.operator.reconcile import (
+    Create, Delete, DeleteJob, Event, Job, LogTail, Outcome, creation_failed, ours, reconcile, waiting,
+)
 from kubetune.operator.settings import OperatorSettings
 
-PROGRESS_INTERVAL_SECONDS = 5.0
+TICK_SECONDS = 5.0
+# Running jobs tick faster: their progress is what `kubectl get ftj -w` shows, and a step of a
+# small job takes well under a second.
+PROGRESS_SECONDS = 2.0
 # A scrape runs in the operator's event loop: a hung pod must not hold it for long.
 SCRAPE_TIMEOUT_SECONDS = 2.0
-PENDING_RESYNC_SECONDS = 10.0
 WAIT_RETRY_SECONDS = 2.0
+SCRAPED_PHASES = ("Running", "Publishing")
+LOG_TAIL_LINES = 20
+LOG_TAIL_CHARACTERS = 900  # an Event's message holds 1024
 # 4xx answers that a retry may cure; every other 4xx to a create is a refusal, final.
 RETRIABLE_STATUSES = {409, 429}
 
@@ -137,13 +148,13 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=WAIT_RETRY_SECONDS)
 async def finetunejob_create(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
                              logger: kopf.Logger, **_: Any) -> None:
-    await _sync("create", namespace, name, uid, _pods(pods_by_job, uid), memo, logger, retry=True)
+    await _sync("create", namespace, name, uid, pods_by_job, memo, logger, retry=True)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, when=_unfinished, backoff=WAIT_RETRY_SECONDS)
 async def finetunejob_resume(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
                              logger: kopf.Logger, **_: Any) -> None:
-    await _sync("resume", namespace, name, uid, _pods(pods_by_job, uid), memo, logger, retry=True)
+    await _sync("resume", namespace, name, uid, pods_by_job, memo, logger, retry=True)
 
 
 @kopf.on.event("", "v1", "pods", labels={JOB_UID_LABEL: kopf.PRESENT})
@@ -151,19 +162,38 @@ async def worker_pod_event(labels: kopf.Labels, memo: kopf.Memo, jobs_by_uid: ko
                            pods_by_job: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
     uid = labels[JOB_UID_LABEL]
     for namespace, name in jobs_by_uid.get(uid, []):  # none: the pod of a job that is gone
-        await _sync("pod_event", namespace, name, uid, _pods(pods_by_job, uid), memo, logger)
+        await _sync("pod_event", namespace, name, uid, pods_by_job, memo, logger)
 
 
-def _pending(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") in (None, "Pending")
+def _ticking(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Unfinished jobs that are not running, and finished ones that expire."""
+    if status.get("phase") in SCRAPED_PHASES:
+        return False
+    if status.get("phase") not in FINAL_PHASES:
+        return True
+    return (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=PENDING_RESYNC_SECONDS, when=_pending)
-async def finetunejob_resync(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
-                             logger: kopf.Logger, **_: Any) -> None:
-    """While a job waits for its workers nothing else may wake it (a name held by an earlier
-    job's pod frees up without an event of this job's): look again now and then."""
-    await _sync("resync", namespace, name, uid, _pods(pods_by_job, uid), memo, logger)
+def _scraped(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in SCRAPED_PHASES
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, when=_ticking)
+async def finetunejob_tick(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
+                           logger: kopf.Logger, **_: Any) -> None:
+    """Time moves a job on as much as events do: the restart back-off ends, a start-up timeout
+    passes, a TTL expires."""
+    await _sync("tick", namespace, name, uid, pods_by_job, memo, logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_SECONDS, sharp=True, when=_scraped)
+async def finetunejob_progress(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
+                               logger: kopf.Logger, **_: Any) -> None:
+    """While the job runs: rank 0's /metrics become ``status.progress``, and the reconciler sees
+    them (a stall, Publishing) along with the time (a deadline)."""
+    metrics_text = await _scrape(JobRef(name=name, namespace=namespace, uid=uid), _pods(pods_by_job, uid), memo,
+                                 logger)
+    await _sync("progress", namespace, name, uid, pods_by_job, memo, logger, metrics_text=metrics_text)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -189,15 +219,22 @@ async def _counted(memo: kopf.Memo, handler: str) -> AsyncIterator[None]:
         raise
 
 
-async def _sync(handler: str, namespace: str, name: str, uid: str, pods: list[dict[str, Any]], memo: kopf.Memo,
-                logger: kopf.Logger, retry: bool = False) -> None:
-    """Read the job afresh, reconcile it with its pods, carry the outcome out."""
+async def _sync(handler: str, namespace: str, name: str, uid: str, pods_by_job: kopf.Index, memo: kopf.Memo,
+                logger: kopf.Logger, retry: bool = False, metrics_text: str | None = None) -> None:
+    """Read the job afresh, reconcile it with its pods (and fresh progress), carry the outcome out.
+    The pods are read from the index under the job's lock, after the job: a snapshot taken
+    before (while another pass held the lock) could show a pod Running that has failed since,
+    and a finished job would delete it as a survivor."""
     async with _counted(memo, handler), memo.locks.setdefault(uid, asyncio.Lock()):
         body = await asyncio.to_thread(memo.kube.get_job, namespace, name)
         if body is None or body["metadata"]["uid"] != uid or body["metadata"].get("deletionTimestamp"):
             return  # the job is gone or going (or re-created: its own handlers run for it)
-        job = Job.of(body)
-        instead = await _carry_out(job, reconcile(job, pods, memo.settings, _now()), memo, logger)
+        stored = Job.of(body)
+        job = _with_progress(stored, metrics_text, memo, logger)
+        outcome = reconcile(job, _pods(pods_by_job, uid), memo.settings, _now())
+        if outcome.status is None and job.status != stored.status:
+            outcome = Outcome(dict(job.status), outcome.actions, outcome.blocked)  # only the progress moved
+        instead = await _carry_out(stored, outcome, memo, logger)
         if retry and instead is not None and instead.blocked:
             raise kopf.TemporaryError(instead.blocked, delay=WAIT_RETRY_SECONDS)
 
@@ -211,10 +248,20 @@ async def _carry_out(job: Job, outcome: Outcome, memo: kopf.Memo, logger: kopf.L
             if instead is not None:
                 await _carry_out(job, instead, memo, logger)
                 return instead
+        elif isinstance(action, Delete):
+            logger.info("deleting pod %s/%s: %s", job.ref.namespace, action.name, action.why)
+            await asyncio.to_thread(memo.kube.delete_pod, job.ref.namespace, action.name, action.uid)
+        elif isinstance(action, LogTail):
+            await _post_log_tail(job, action.name, memo, logger)
+        elif isinstance(action, DeleteJob):
+            logger.info("deleting job %s/%s: spec.runPolicy.ttlSecondsAfterFinished passed", job.ref.namespace,
+                        job.ref.name)
+            await asyncio.to_thread(memo.kube.delete_job, job.ref.namespace, job.ref.name, job.ref.uid)
         elif isinstance(action, Event):
             await _post(job, action, memo, logger)
-    if outcome.status is not None:
-        await asyncio.to_thread(memo.kube.patch_job_status, job.ref.namespace, job.ref.name, outcome.status)
+    patch = status_patch(dict(job.status), outcome.status) if outcome.status is not None else {}
+    if patch:
+        await asyncio.to_thread(memo.kube.patch_job_status, job.ref.namespace, job.ref.name, patch)
         if outcome.status["phase"] != job.status.get("phase"):
             logger.info("job %s/%s is %s: %s", job.ref.namespace, job.ref.name, outcome.status["phase"],
                         outcome.status["message"])
@@ -249,6 +296,18 @@ def _api_message(error: ApiException) -> str:
         return str(error.reason)
 
 
+async def _post_log_tail(job: Job, pod: str, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    try:
+        text = await asyncio.to_thread(memo.kube.pod_log_tail, job.ref.namespace, pod, LOG_TAIL_LINES)
+    except ApiException as error:  # the failure itself is in the status already
+        logger.warning("could not read the log of pod %s: %s", pod, error.reason)
+        return
+    text = (text or "").strip()
+    if text:
+        tail = text[-LOG_TAIL_CHARACTERS:]
+        await _post(job, Event("Warning", "WorkerLog", f"last lines of pod {pod}:\n{tail}"), memo, logger)
+
+
 async def _post(job: Job, event: Event, memo: kopf.Memo, logger: kopf.Logger) -> None:
     try:
         await asyncio.to_thread(memo.kube.post_event, job.ref, event.type, event.reason, event.message)
@@ -258,38 +317,37 @@ async def _post(job: Job, event: Event, memo: kopf.Memo, logger: kopf.Logger) ->
 
 
 # -- progress ----------------------------------------------------------------------------------
-def _running(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") == "Running"
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL_SECONDS, when=_running)
-async def finetunejob_progress(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
-                               logger: kopf.Logger, **_: Any) -> None:
-    """Rank 0's /metrics into ``status.progress``. A failed scrape is no error: the job runs on,
-    the failure is counted, and the next tick tries again."""
-    await asyncio.sleep(random.uniform(0, PROGRESS_INTERVAL_SECONDS / 5))  # jobs started together scrape apart
-    rank0 = [pod for pod in ours(JobRef(name=name, namespace=namespace, uid=uid), _pods(pods_by_job, uid))
-             if pod["metadata"].get("labels", {}).get(REPLICA_INDEX_LABEL) == "0"]
+async def _scrape(job: JobRef, pods: list[dict[str, Any]], memo: kopf.Memo, logger: kopf.Logger) -> str | None:
+    """Rank 0's /metrics text of the current attempt, or None. A failed scrape is no error: the
+    job runs on, the failure is counted, and the next tick tries again."""
+    await asyncio.sleep(random.uniform(0, PROGRESS_SECONDS / 5))  # jobs started together scrape apart
+    newest = max((int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, 0)) for pod in ours(job, pods)), default=0)
+    rank0 = [pod for pod in ours(job, pods)
+             if pod["metadata"].get("labels", {}).get(REPLICA_INDEX_LABEL) == "0"
+             and int(pod["metadata"]["labels"].get(ATTEMPT_LABEL, 0)) == newest]
     url = metrics_url(rank0[0]) if rank0 else None
     if url is None:
-        return  # worker-0 has no IP yet, or no metrics port to scrape
+        return None  # worker-0 has no IP yet, or no metrics port to scrape
     try:
         async with memo.http.get(url, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)) as answer:
-            text = await answer.text()
+            return await answer.text()
     except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError) as error:
         memo.metrics.scrape_failures.inc()
         logger.debug("progress scrape of %s failed: %s", url, error)
-        return
-    async with memo.locks.setdefault(uid, asyncio.Lock()):
-        job = await asyncio.to_thread(memo.kube.get_job, namespace, name)
-        if job is None or job["metadata"]["uid"] != uid or (job.get("status") or {}).get("phase") != "Running":
-            return  # gone, or finished while we scraped: the final status owns the progress now
-        previous = (job.get("status") or {}).get("progress")
-        try:
-            progress = derive_progress(text, previous, _now())
-        except MetricsParseError as error:
-            memo.metrics.scrape_failures.inc()
-            logger.debug("progress scrape of %s failed: %s", url, error)
-            return
-        if progress is not None and progress != previous:
-            await asyncio.to_thread(memo.kube.patch_job_status, namespace, name, {"progress": progress})
+        return None
+
+
+def _with_progress(job: Job, metrics_text: str | None, memo: kopf.Memo, logger: kopf.Logger) -> Job:
+    """The job with ``status.progress`` from a fresh scrape, while it runs."""
+    if metrics_text is None or job.status.get("phase") not in SCRAPED_PHASES:
+        return job  # finished while we scraped: the final status owns the progress now
+    previous = job.status.get("progress")
+    try:
+        progress = derive_progress(metrics_text, previous, _now())
+    except MetricsParseError as error:
+        memo.metrics.scrape_failures.inc()
+        logger.debug("progress of %s/%s unreadable: %s", job.ref.namespace, job.ref.name, error)
+        return job
+    if progress is None or progress == previous:
+        return job
+    return Job(ref=job.ref, generation=job.generation, spec=job.spec, status={**job.status, "progress": progress})

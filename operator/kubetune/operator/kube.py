@@ -83,6 +83,35 @@ class Kube:
                 return None
             raise
 
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the pod if it is still the one with ``uid`` (gracefully: it gets its grace
+        period to stop); gone already, or replaced by another of the same name, is no error."""
+        self._delete(self.core.delete_namespaced_pod, name=name, namespace=namespace, uid=uid)
+
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the FineTuneJob with ``uid``; its children go with it (garbage collection)."""
+        self._delete(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, uid=uid,
+                     propagation="Background")
+
+    def _delete(self, call: Any, *args: Any, uid: str, propagation: str | None = None, **kwargs: Any) -> None:
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid),
+                                         propagation_policy=propagation)
+        try:
+            call(*args, body=options, **kwargs)
+        except ApiException as error:
+            if error.status not in (404, 409):  # 409: the UID precondition failed, another object now
+                raise
+
+    def pod_log_tail(self, namespace: str, name: str, lines: int) -> str | None:
+        """The last ``lines`` lines of the trainer container's log; None when there is none
+        (the pod is gone, or its container never started)."""
+        try:
+            return self.core.read_namespaced_pod_log(name, namespace, container="trainer", tail_lines=lines)
+        except ApiException as error:
+            if error.status in (400, 404):
+                return None
+            raise
+
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -91,10 +120,12 @@ class Kube:
                 return None
             raise
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """A JSON merge patch of the status (``status_patch`` makes one: None removes a key)."""
         self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, body={"status": status}
+            GROUP, VERSION, namespace, PLURAL, name, body={"status": patch}
         )
+
 
     def post_event(self, job: JobRef, kind: str, reason: str, message: str) -> None:
         """A core/v1 Event on the job, as `kubectl describe ftj` shows them."""
@@ -115,3 +146,18 @@ class Kube:
             "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "count": 1,
         })
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) from ``old`` to ``new``: changed keys, None for removed
+    ones (a merge patch keeps whatever it does not mention), objects recursively, lists whole."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            nested = status_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif value != before or key not in old:
+            patch[key] = value
+    return patch

@@ -13,7 +13,7 @@ from typing import Any
 
 from kubetune.api import metrics
 from kubetune.api.resource import API_VERSION, KIND
-from kubetune.api.spec import DEFAULT_TRAINER_IMAGE, FineTuneJobSpec
+from kubetune.api.spec import CREDENTIAL_ENV, DEFAULT_TRAINER_IMAGE, GPU_RESOURCE, FineTuneJobSpec
 from kubetune.api.trainer_config import CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, JobRef, TrainerConfig
 from kubetune.operator.settings import OperatorSettings
 
@@ -21,10 +21,20 @@ RENDEZVOUS_PORT = 29500
 JOB_NAME_LABEL = "kubetune.dev/job-name"
 JOB_UID_LABEL = "kubetune.dev/job-uid"
 REPLICA_INDEX_LABEL = "kubetune.dev/replica-index"
+ATTEMPT_LABEL = "kubetune.dev/attempt"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+WORKER, PREFLIGHT = "worker", "preflight"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetune"
 CONTAINER_NAME = "trainer"
-CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CREDENTIAL_KEYS = CREDENTIAL_ENV
+# Kueue's pod integration (https://kueue.sigs.k8s.io/docs/tasks/run/plain_pods/): a group of plain
+# pods is queued and admitted as one Workload, named after the group.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
+SHM_VOLUME = "dshm"
 
 
 def config_map_name(job_name: str) -> str:
@@ -39,6 +49,17 @@ def pod_name(job_name: str, index: int) -> str:
     return f"{job_name}-worker-{index}"
 
 
+def preflight_pod_name(job_name: str) -> str:
+    return f"{job_name}-preflight"
+
+
+def pod_group_name(job: JobRef, attempt: int) -> str:
+    """The Kueue pod group (and Workload) of one attempt's gang: a label value (63 characters at
+    most) and an object name, unique to this job (its UID) and attempt."""
+    suffix = f"-{job.uid[:8]}-{attempt}"
+    return job.name[:63 - len(suffix)].rstrip("-.") + suffix
+
+
 def selector_labels(job: JobRef) -> dict[str, str]:
     """Labels that find every child of one job, and only of this one (not of an earlier job
     of the same name): the Service's selector, the operator's pod index."""
@@ -49,7 +70,7 @@ def common_labels(job: JobRef, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "kubetune",
         "app.kubernetes.io/instance": job.name,
-        "app.kubernetes.io/component": component,
+        COMPONENT_LABEL: component,
         MANAGED_BY_LABEL: MANAGED_BY,
         JOB_NAME_LABEL: job.name,  # for people: kubectl get pods -l kubetune.dev/job-name=NAME
         **selector_labels(job),
@@ -74,13 +95,17 @@ def owner_reference(job: JobRef) -> dict[str, Any]:
     }
 
 
-def _metadata(job: JobRef, name: str, component: str, **extra_labels: str) -> dict[str, Any]:
-    return {
+def _metadata(job: JobRef, name: str, component: str, annotations: dict[str, str] | None = None,
+              **extra_labels: str) -> dict[str, Any]:
+    metadata = {
         "name": name,
         "namespace": job.namespace,
         "labels": {**common_labels(job, component), **extra_labels},
         "ownerReferences": [owner_reference(job)],
     }
+    if annotations:
+        metadata["annotations"] = annotations
+    return metadata
 
 
 def trainer_config(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> TrainerConfig:
@@ -104,10 +129,10 @@ def build_service(job: JobRef) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(job, service_name(job.name), "worker"),
+        "metadata": _metadata(job, service_name(job.name), WORKER),
         "spec": {
             "clusterIP": "None",
-            "selector": selector_labels(job),
+            "selector": {**selector_labels(job), COMPONENT_LABEL: WORKER},
             # Workers must find each other before they report Ready.
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rdzv", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
@@ -142,7 +167,7 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     limits = dict(given.limits or {}) if given else {}
     requests = dict(given.requests or {}) if given else {}
     if spec.workers.gpus_per_worker:
-        limits["nvidia.com/gpu"] = spec.workers.gpus_per_worker
+        limits[GPU_RESOURCE] = spec.workers.gpus_per_worker
     resources: dict[str, Any] = {}
     if limits:
         resources["limits"] = limits
@@ -173,31 +198,44 @@ def omp_threads(spec: FineTuneJobSpec) -> int:
 
 
 def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """kubetune's variables, then the job's own (spec.workers.env, which may not redefine
+    kubetune's, and may refer to them as $(NAME) because they come first)."""
     env: list[dict[str, Any]] = []
     secret = spec.storage.credentials_secret
     if secret:
-        # Only a reference to the Secret: its values never pass through the operator.
+        # Only a reference to the Secret: its values never pass through the operator. Without a
+        # Secret nothing is set, and the trainer's boto3 uses its standard chain (the web identity
+        # token of an IRSA service account, Pod Identity, instance metadata, spec.workers.env).
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in CREDENTIAL_KEYS]
     env += [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "OMP_NUM_THREADS", "value": str(omp_threads(spec))},
     ]
+    env += [_as_dict(variable) for variable in spec.workers.env or ()]
     return env
 
 
-def build_worker_pod(job: JobRef, spec: FineTuneJobSpec, index: int, settings: OperatorSettings) -> dict[str, Any]:
-    name = pod_name(job.name, index)
+def _as_dict(model: Any) -> dict[str, Any]:
+    """An API object as the Kubernetes API writes it: camelCase keys, absent fields left out."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+WORKER_GRACE_SECONDS = 45
+"""How long a deleted worker has to stop: torchrun passes SIGTERM on to the trainer, which
+finishes its step and writes a checkpoint before it exits (suspend, gang restart). torchrun
+itself SIGKILLs its workers 30 s after passing SIGTERM on; the rest is torchrun's own exit."""
+PREFLIGHT_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+"""The preflight pod parses the dataset and the tokenizer on a CPU; it never holds a GPU."""
+
+
+def _trainer_container(spec: FineTuneJobSpec, settings: OperatorSettings, command: list[str]) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": trainer_image(spec, settings),
         "imagePullPolicy": "IfNotPresent",
-        "command": trainer_command(job.name, spec, index),
+        "command": command,
         "env": _env(spec),
-        "ports": [
-            {"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
-            {"name": metrics.METRICS_PORT_NAME, "containerPort": settings.trainer_metrics_port, "protocol": "TCP"},
-        ],
         # The trainer writes its outcome (final loss, or the one-line error) to the default
         # /dev/termination-log; a crash that wrote nothing still explains itself by its log tail.
         "terminationMessagePath": "/dev/termination-log",
@@ -213,21 +251,55 @@ def build_worker_pod(job: JobRef, spec: FineTuneJobSpec, index: int, settings: O
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    resources = _resources(spec)
-    if resources:
-        container["resources"] = resources
+    if spec.workers.env_from:
+        container["envFrom"] = [_as_dict(source) for source in spec.workers.env_from]
+    return container
+
+
+def _pod_spec(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """What the worker and the preflight pods share beyond the container: identity (service
+    account, image pull secrets), security context, and placement (node selector, tolerations,
+    affinity, priority), so that the preflight pulls the image and reaches S3 as the workers do."""
+    workers, scheduling = spec.workers, spec.scheduling
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # The trainer never calls the Kubernetes API: no token to steal. (IRSA and workload
+        # identity bring their own projected token, not this one.)
+        "automountServiceAccountToken": False,
+        # Pod Security "restricted": never root, the runtime's seccomp profile; the container
+        # drops every capability and cannot escalate. A numeric user, so the kubelet can check
+        # runAsNonRoot without reading the image.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": workers.run_as_user,
+            "runAsGroup": workers.run_as_group,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if workers.service_account_name:
+        pod_spec["serviceAccountName"] = workers.service_account_name
+    if workers.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in workers.image_pull_secrets]
+    if scheduling.node_selector:
+        pod_spec["nodeSelector"] = dict(scheduling.node_selector)
+    if scheduling.tolerations:
+        pod_spec["tolerations"] = [_as_dict(toleration) for toleration in scheduling.tolerations]
+    if scheduling.affinity and (affinity := _as_dict(scheduling.affinity)):
+        pod_spec["affinity"] = affinity
+    if scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = scheduling.priority_class_name
+    return pod_spec
+
+
+def _pod(job: JobRef, spec: FineTuneJobSpec, name: str, component: str, labels: dict[str, str],
+         container: dict[str, Any], *, annotations: dict[str, str] | None = None,
+         volumes: tuple[dict[str, Any], ...] = (), **pod_spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _metadata(job, name, "worker", **{REPLICA_INDEX_LABEL: str(index)}),
+        "metadata": _metadata(job, name, component, annotations, **labels),
         "spec": {
-            "hostname": name,
-            "subdomain": service_name(job.name),
-            "restartPolicy": "Never",
-            "securityContext": {
-                "runAsNonRoot": True,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            **_pod_spec(spec),
             "containers": [container],
             "volumes": [
                 {
@@ -238,15 +310,72 @@ def build_worker_pod(job: JobRef, spec: FineTuneJobSpec, index: int, settings: O
                     },
                 },
                 {"name": "workdir", "emptyDir": {}},
+                *volumes,
             ],
+            **pod_spec,
         },
     }
 
 
-def build_children(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Everything one job needs, in creation order (config and DNS before the pods)."""
-    return [
-        build_config_map(job, spec, settings),
-        build_service(job),
-        *(build_worker_pod(job, spec, index, settings) for index in range(spec.workers.replicas)),
+def _kueue_metadata(job: JobRef, spec: FineTuneJobSpec, attempt: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Labels and annotations that queue one attempt's gang in Kueue as a pod group; none
+    without spec.scheduling.queueName."""
+    queue = spec.scheduling.queue_name
+    if not queue:
+        return {}, {}
+    labels = {KUEUE_QUEUE_LABEL: queue, KUEUE_POD_GROUP_LABEL: pod_group_name(job, attempt)}
+    annotations = {
+        KUEUE_POD_GROUP_COUNT_ANNOTATION: str(spec.workers.replicas),
+        # The operator never replaces one pod of a gang: it ends an attempt as a whole (restart,
+        # suspend) and starts the next as a new group. Unretriable, Kueue finishes the group's
+        # Workload once all its pods have terminated, and removes the finalizer it keeps on
+        # them; a retriable group would hold its pods (and the quota) waiting for replacements.
+        KUEUE_RETRIABLE_ANNOTATION: "false",
+    }
+    return labels, annotations
+
+
+def build_worker_pod(job: JobRef, spec: FineTuneJobSpec, index: int, settings: OperatorSettings,
+                     attempt: int = 1) -> dict[str, Any]:
+    name = pod_name(job.name, index)
+    container = _trainer_container(spec, settings, trainer_command(job.name, spec, index))
+    container["ports"] = [
+        {"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+        {"name": metrics.METRICS_PORT_NAME, "containerPort": settings.trainer_metrics_port, "protocol": "TCP"},
     ]
+    resources = _resources(spec)
+    if resources:
+        container["resources"] = resources
+    volumes: tuple[dict[str, Any], ...] = ()
+    if spec.workers.shm_enabled:
+        # NCCL's shared-memory transport and DataLoader workers need more than a runtime's 64Mi.
+        volumes = ({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.workers.shm_size}},)
+        container["volumeMounts"].append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+    kueue_labels, annotations = _kueue_metadata(job, spec, attempt)
+    labels = {REPLICA_INDEX_LABEL: str(index), ATTEMPT_LABEL: str(attempt), **kueue_labels}
+    extra: dict[str, Any] = {}
+    if spec.scheduling.scheduler_name:
+        extra["schedulerName"] = spec.scheduling.scheduler_name
+    return _pod(job, spec, name, WORKER, labels, container, annotations=annotations, volumes=volumes,
+                hostname=name, subdomain=service_name(job.name), terminationGracePeriodSeconds=WORKER_GRACE_SECONDS,
+                **extra)
+
+
+def build_preflight_pod(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict[str, Any]:
+    """One small CPU pod that runs the trainer's preflight with the job's config and
+    credentials before any worker (and GPU) is held."""
+    command = ["python", "-m", "kubetune.trainer", "--config", CONFIG_PATH, "--preflight"]
+    container = _trainer_container(spec, settings, command)
+    container["resources"] = PREFLIGHT_RESOURCES
+    # The job's identity, environment and placement (_pod_spec), but never a GPU, no Kueue labels
+    # (it is no member of the gang: the group's count is the workers') and the default
+    # scheduler: spec.scheduling.schedulerName is for the gang (Volcano, coscheduling), which
+    # would hold this one CPU pod to its gang and queue rules, or wait for a pod group it is not
+    # in, when the point of the preflight is a quick answer before any GPU is held.
+    return _pod(job, spec, preflight_pod_name(job.name), PREFLIGHT, {}, container)
+
+
+def build_workers(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, attempt: int) -> list[dict[str, Any]]:
+    """One attempt's gang, after the Service its members find each other through."""
+    return [build_service(job),
+            *(build_worker_pod(job, spec, index, settings, attempt) for index in range(spec.workers.replicas))]

@@ -8,10 +8,11 @@ progress (and its ETA) is kept as is, which also spares the API a patch per scra
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from kubetune.api import metrics
+from kubetune.operator.times import format_time, parse_time
 from prometheus_client.parser import text_string_to_metric_families
 
 METRIC_FIELDS = {
@@ -56,7 +57,7 @@ def derive_progress(metrics_text: str, previous: dict[str, Any] | None, now: dat
         progress["epoch"] = round(values.get("epoch", 0.0), 3)
         progress["loss"] = round(values.get("loss", 0.0), 4)
         progress["tokensPerSecond"] = round(values.get("tokensPerSecond", 0.0), 1)
-    seen_step, seen_at = previous.get("step"), _parse_time(previous.get("stepTime"))
+    seen_step, seen_at = previous.get("step"), parse_time(previous.get("stepTime"))
     if seen_step == step and seen_at is not None:
         # No new step since the last change: keep its time and the ETA derived then.
         progress["stepTime"] = previous["stepTime"]
@@ -64,7 +65,7 @@ def derive_progress(metrics_text: str, previous: dict[str, Any] | None, now: dat
             if key in previous:
                 progress[key] = previous[key]
         return progress
-    progress["stepTime"] = _format_time(now)
+    progress["stepTime"] = format_time(now, precise=True)
     if isinstance(seen_step, int) and seen_at is not None and step > seen_step and now > seen_at:
         seconds_per_step = (now - seen_at).total_seconds() / (step - seen_step)
         eta = round(seconds_per_step * (total - step))
@@ -96,21 +97,6 @@ def format_duration(seconds: int) -> str:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
-
-
-def _format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    for layout in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(text, layout).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
 
 
 def metrics_url(pod: dict[str, Any]) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,7 +37,7 @@ def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, s
             start = through.find(message["content"]) if message["content"] else -1
             before = through[:start] if start >= 0 else through
         if not (through.startswith(before) and full.startswith(through) and len(before) >= cursor):
-            raise TrainerError(
+            raise DataError(
                 f"{where}: the tokenizer's chat template does not render this conversation "
                 f"incrementally (message {index + 1}, the assistant's, changes the text before it), "
                 "so the assistant's tokens cannot be told apart: use a template that appends each "
@@ -60,4 +60,4 @@ def _render(
     # A template is the model author's code: it raises its own errors (raise_exception()) or
     # trips over a message it did not expect.
     except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise TrainerError(f"{where}: the tokenizer's chat template failed on this conversation: {exc}") from None
+        raise DataError(f"{where}: the tokenizer's chat template failed on this conversation: {exc}") from None

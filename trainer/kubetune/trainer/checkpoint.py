@@ -12,6 +12,8 @@ a background thread (the node's first process also uploads the files every rank 
 at the NEXT checkpoint (or at the end, :meth:`Checkpointer.finish`), after an all_reduce of
 "my upload of N succeeded" over all ranks; older complete checkpoints are then pruned to
 ``keepCheckpoints``. A checkpoint without ``COMPLETE`` is never resumed from.
+:meth:`Checkpointer.save_now` is the exception: a process stopping on SIGTERM waits until its
+checkpoint is COMPLETE before it exits.
 
 Resuming (:meth:`Checkpointer.resume`): the newest complete checkpoint is downloaded (each
 node only its own ranks' files) and loaded; if any rank cannot read it, every rank falls back
@@ -89,6 +91,7 @@ class Checkpointer:
         self.rank, self.local_rank, self.local_world_size = rank, local_rank, local_world_size
         self._pending: tuple[int, threading.Thread, list[BaseException]] | None = None
         self._marker: threading.Thread | None = None
+        self._marked: int | None = None  # rank 0: the newest step whose COMPLETE marker was written
         self._on_upload = on_upload  # rank 0 reports each upload's seconds to /metrics
 
     # ---- save ------------------------------------------------------------------------
@@ -116,12 +119,25 @@ class Checkpointer:
         thread.start()
         self._pending = (position.step, thread, errors)
 
-    def finish(self) -> None:
-        """Wait for the last upload and mark it complete (collective; call before exiting)."""
-        self._complete_pending()
+    def save_now(self, engine: Any, position: Position, trainer_state: dict[str, Any],
+                 rank_state: dict[str, Any]) -> bool:
+        """Checkpoint ``position.step`` and wait until it is COMPLETE in S3 (collective): the
+        last act of a process stopping on SIGTERM. A checkpoint of this step already uploading
+        is waited for, not written again. True when it is complete (as far as this rank knows:
+        rank 0 wrote the marker, the others know every rank's upload succeeded)."""
+        if self._pending is None or self._pending[0] != position.step:
+            self.save(engine, position, trainer_state, rank_state)
+        return self.finish()
+
+    def finish(self) -> bool:
+        """Wait for the last upload and mark it complete (collective; call before exiting).
+        False when that checkpoint could not be completed."""
+        step = self._pending[0] if self._pending else None
+        ok = self._complete_pending()
         if self._marker is not None:
             self._marker.join()
             self._marker = None
+        return ok and (self.rank != 0 or step is None or self._marked == step)
 
     def _upload(self, local: Path, files: list[Path], name: str, errors: list[BaseException], started: float) -> None:
         upload_started = time.perf_counter()
@@ -135,12 +151,14 @@ class Checkpointer:
         except BaseException as exc:  # noqa: BLE001 - reported to every rank by _complete_pending
             errors.append(exc)
 
-    def _complete_pending(self) -> None:
+    def _complete_pending(self) -> bool:
+        """Wait for the pending upload; if every rank's succeeded, mark it complete (rank 0, in
+        the background). False when an upload failed."""
         if self._marker is not None:
             self._marker.join()
             self._marker = None
         if self._pending is None:
-            return
+            return True
         step, thread, errors = self._pending
         self._pending = None
         thread.join()
@@ -154,17 +172,19 @@ class Checkpointer:
             if self.rank == 0:
                 log.warning("checkpoint %s is incomplete (an upload failed); training goes on and the "
                             "next checkpoint will be tried", step_name(step))
-            return
+            return False
         if self.rank == 0:
             # The marker and the pruning are S3 round trips: rank 0 does them in the background too.
             self._marker = threading.Thread(target=self._mark_complete, args=(step,), daemon=True)
             self._marker.start()
+        return True
 
     def _mark_complete(self, step: int) -> None:
         folder = self._folder(step_name(step))
         try:
             marker = {"step": step, "worldSize": torch.distributed.get_world_size()}
             put_bytes(self.client, json.dumps(marker).encode(), join_uri(folder, COMPLETE))
+            self._marked = step
             log.info("checkpoint %s complete", folder)
             complete, incomplete = self._list()
             kept = complete[: self.keep]
@@ -174,6 +194,9 @@ class Checkpointer:
                 delete_prefix(self.client, join_uri(self.uri, step_name(old)))
         except TrainerError as exc:
             log.warning("checkpoint %s: could not mark it complete or prune older ones: %s", folder, exc)
+
+    def step_uri(self, step: int) -> str:
+        return self._folder(step_name(step))
 
     def _folder(self, name: str) -> str:
         return join_uri(self.uri, name) + "/"

@@ -10,6 +10,9 @@
 4. :func:`split_train_validation` holds out ``validationSplit`` of the examples (seeded);
    ``validationUri`` names a separate file instead.
 :func:`prepare_datasets` runs all four; :mod:`kubetune.trainer.batching` makes the batches.
+
+A problem with the data is a :class:`DataError` (exit 65: permanent, a restart reads the same
+file); one with the settings that do not fit the model is a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kubetune.trainer.chat import chat_segments
-from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -109,7 +112,7 @@ def read_jsonl(path: Path, *, source: str | None = None) -> list[tuple[int, dict
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise TrainerError(
+                raise DataError(
                     f"{source} line {number}: not UTF-8 text (dataset.uri must be JSONL or Parquet)"
                 ) from None
             if not line.strip():
@@ -117,14 +120,14 @@ def read_jsonl(path: Path, *, source: str | None = None) -> list[tuple[int, dict
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise TrainerError(f"{source} line {number}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{source} line {number}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
-                raise TrainerError(
+                raise DataError(
                     f"{source} line {number}: expected a JSON object, got {type(record).__name__}"
                 )
             records.append((number, record))
     if not records:
-        raise TrainerError(f"{source}: the dataset has no examples (the file is empty)")
+        raise DataError(f"{source}: the dataset has no examples (the file is empty)")
     return records
 
 
@@ -138,15 +141,15 @@ def read_parquet(path: Path, columns: dict[str, str], *, source: str) -> list[tu
         present = parquet.schema_arrow.names
         for column, setting in columns.items():
             if column not in present:
-                raise TrainerError(
+                raise DataError(
                     f"{source}: column {column!r} is missing (set {setting} to the column that holds "
                     f"it; columns in this file: {present})"
                 )
         rows = parquet.read(columns=list(columns)).to_pylist()
     except (pyarrow.ArrowException, OSError) as exc:
-        raise TrainerError(f"{source}: not a readable Parquet file ({exc})") from None
+        raise DataError(f"{source}: not a readable Parquet file ({exc})") from None
     if not rows:
-        raise TrainerError(f"{source}: the dataset has no examples (the Parquet file has no rows)")
+        raise DataError(f"{source}: the dataset has no examples (the Parquet file has no rows)")
     return list(enumerate(rows, start=1))
 
 
@@ -168,7 +171,7 @@ def tokenize_records(
 ) -> list[Example]:
     """Tokenise every record per ``dataset.format`` (whole length); errors name the line and field."""
     if dataset.format == "chat" and not tokenizer.chat_template:
-        raise TrainerError(
+        raise ConfigError(
             "dataset.format is chat but the model's tokenizer has no chat template: add "
             "chat_template to tokenizer_config.json in model.uri, or use format text/instruction"
         )
@@ -220,7 +223,7 @@ def fit_to_length(
             f"within {sequence_length} tokens ({_what_is_trained(fmt)})"
         )
     if not trainable:
-        raise TrainerError(
+        raise DataError(
             f"{source}: no example left to train on: of {total}, {longer} are longer than "
             f"training.sequenceLength ({sequence_length}, dataset.overlong: {overlong}) and the rest "
             f"have no token to train on ({_what_is_trained(fmt)}); raise training.sequenceLength"
@@ -300,7 +303,7 @@ def _string_field(record: dict[str, Any], key: str, where: str, setting: str) ->
     value = record.get(key)
     if not isinstance(value, str):
         problem = "is missing" if value is None else f"is a {type(value).__name__}, not a string"
-        raise TrainerError(
+        raise DataError(
             f"{where}: field {key!r} {problem} (set {setting} to the key that "
             f"holds it; keys present: {sorted(record)})"
         )
@@ -314,7 +317,7 @@ def _messages_field(record: dict[str, Any], key: str, where: str) -> list[dict[s
         for m in messages
     )
     if not valid:
-        raise TrainerError(
+        raise DataError(
             f"{where}: field {key!r} must be a non-empty list of "
             f"{{\"role\": ..., \"content\": ...}} objects (set dataset.messagesField to the key "
             f"that holds it; keys present: {sorted(record)})"

@@ -54,6 +54,14 @@ def next_token_loss(model: Any, head: torch.nn.Module, inputs: dict[str, torch.T
 def trained_tokens_all_ranks(micro_batches: list) -> float:
     """Tokens one optimizer step trains over all ranks, given this rank's micro-batches of the
     step (one small all_reduce): what the step's summed losses are divided by."""
-    count = torch.tensor([float(sum(batch.trained_tokens for batch in micro_batches))], dtype=torch.float64)
-    torch.distributed.all_reduce(count)
-    return max(float(count), 1.0)
+    return step_start_all_ranks(micro_batches, stop=False)[0]
+
+
+def step_start_all_ranks(micro_batches: list, stop: bool) -> tuple[float, bool]:
+    """At the start of an optimizer step, in one small all_reduce: the tokens it trains over
+    all ranks (see trained_tokens_all_ranks) and whether any rank asks to ``stop`` (it got
+    SIGTERM): every rank learns both, so all of them stop at the same step."""
+    tokens = float(sum(batch.trained_tokens for batch in micro_batches))
+    totals = torch.tensor([tokens, 1.0 if stop else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(totals)
+    return max(float(totals[0]), 1.0), bool(totals[1] > 0)

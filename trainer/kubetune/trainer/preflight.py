@@ -13,11 +13,16 @@ Checks, in order, one line each, ``ok|FAIL <check>: <detail>``:
                   (first bad line or row number), with at least one example left to train on
   chat template   format chat only: the tokenizer has one
   validation      validationUri, when set, passes the same checks as the dataset
-  adapterUri      a probe object can be written and deleted under output.adapterUri
-  checkpointUri   the same under output.checkpointUri, when set
+  adapterUri      no other job's adapter is published there (a manifest.json of another job
+                  uid, unless output.overwrite), and the publisher's own requests work where
+                  it makes them: a probe object written under the staging prefix publish.py
+                  uses, copied server-side into adapterUri, read back and both deleted
+  checkpointUri   a probe object can be written and deleted under output.checkpointUri, when set
 
 A check that needs an earlier one (the dataset needs the tokenizer) reports what it could
-check without it. Every problem is a :class:`TrainerError` naming the field to fix.
+check without it. Every problem is a :class:`TrainerError` naming the field to fix. Any FAIL
+makes ``--preflight`` exit 80 (ExitCode.PREFLIGHT_FAILED) with every FAIL line in the
+termination message.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.trainer.errors import TrainerError
-from kubetune.trainer.s3 import delete_object, download_file, join_uri, list_keys, make_client, parse_s3_uri, put_bytes
+from kubetune.trainer.errors import ConfigError, TrainerError
+from kubetune.trainer.s3 import (
+    copy_object, delete_object, delete_prefix, download_file, head, join_uri, list_keys, make_client, parse_s3_uri,
+    put_bytes,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -41,6 +49,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 """Model files preflight never downloads: they are the bulk of the folder and need no parse."""
 
 PROBE_PREFIX = ".kubetune-preflight-"
+PROBE_BODY = b"kubetune preflight probe; safe to delete\n"
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ def _checks(config: TrainerConfig) -> list[tuple[str, Callable[[_Run], str]]]:
     if config.dataset.format == "chat":
         checks.append(("chat template", _check_chat_template))
     checks.append(("validation", _check_validation))
-    checks.append(("adapterUri", lambda state: _check_writable(state, state.config.output.adapter_uri, "output.adapterUri")))
+    checks.append(("adapterUri", _check_adapter_uri))
     if config.output.checkpoint_uri:
         checks.append(("checkpointUri",
                        lambda state: _check_writable(state, state.config.output.checkpoint_uri, "output.checkpointUri")))
@@ -131,13 +140,13 @@ def _check_model(state: _Run) -> str:
     keys = state.model_keys if state.model_keys is not None else list_keys(state.client, uri)
     if "config.json" not in keys:
         found = f"found: {sorted(keys)[:8]}" if keys else "the folder is empty"
-        raise TrainerError(
+        raise ConfigError(
             f"{uri} has no config.json ({found}): model.uri must be a folder written by save_pretrained "
             "(config.json, tokenizer files, weights)"
         )
     weights = [key for key in keys if key.endswith(WEIGHT_SUFFIXES)]
     if not weights:
-        raise TrainerError(f"{uri} has no weight files (*.safetensors or *.bin): upload the model's weights there")
+        raise ConfigError(f"{uri} has no weight files (*.safetensors or *.bin): upload the model's weights there")
     model_dir = state.scratch / "model"
     for key in keys:
         if key and not key.endswith("/") and not key.endswith(WEIGHT_SUFFIXES):
@@ -145,11 +154,11 @@ def _check_model(state: _Run) -> str:
     try:
         model_config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
-        raise TrainerError(f"{uri}config.json: transformers cannot read it ({_first_line(exc)})") from None
+        raise ConfigError(f"{uri}config.json: transformers cannot read it ({_first_line(exc)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TrainerError(
+        raise ConfigError(
             f"{uri}: the tokenizer does not load ({_first_line(exc)}); upload the files save_pretrained "
             "writes for the tokenizer (tokenizer.json, tokenizer_config.json)"
         ) from None
@@ -194,21 +203,47 @@ def _check_chat_template(state: _Run) -> str:
     if state.tokenizer is None:
         raise TrainerError("not checked: the model's tokenizer did not load (see the model line)")
     if not state.tokenizer.chat_template:
-        raise TrainerError(
+        raise ConfigError(
             f"dataset.format is chat but the tokenizer in {state.config.model.uri} has no chat template: add "
             "chat_template to its tokenizer_config.json, or use dataset.format text or instruction"
         )
     return "the tokenizer has one"
 
 
-def _check_writable(state: _Run, folder_uri: str, setting: str) -> str:
-    probe = join_uri(folder_uri, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
+def _check_adapter_uri(state: _Run) -> str:
+    """Another job's adapter first (the likelier mistake), then the publisher's requests."""
+    from kubetune.trainer.publish import check_may_publish, staging_uri
+
+    uri = state.config.output.adapter_uri
+    replaces = check_may_publish(state.client, state.config)
+    staging = staging_uri(uri)
+    staged, published = join_uri(staging, _probe_name()), join_uri(uri, _probe_name())
     try:
-        put_bytes(state.client, b"kubetune preflight probe; safe to delete\n", probe)
+        # As publish_adapter does: upload to staging, copy server-side, HEAD, delete both.
+        put_bytes(state.client, PROBE_BODY, staged)
+        copy_object(state.client, staged, published)
+        head(state.client, published)
+        delete_prefix(state.client, staging)
+        delete_object(state.client, published)
+    except TrainerError as exc:
+        raise type(exc)(f"output.adapterUri is not writable where the adapter is staged ({staging}) "
+                        f"or published: {exc}") from None
+    detail = f"staged, copied and deleted a probe object under {staging} and {uri}"
+    return detail + (f"; publishing {replaces}" if replaces else "")
+
+
+def _check_writable(state: _Run, folder_uri: str, setting: str) -> str:
+    probe = join_uri(folder_uri, _probe_name())
+    try:
+        put_bytes(state.client, PROBE_BODY, probe)
         delete_object(state.client, probe)
     except TrainerError as exc:
-        raise TrainerError(f"{setting} is not writable: {exc}") from None
+        raise type(exc)(f"{setting} is not writable: {exc}") from None
     return f"wrote and deleted a probe object under {folder_uri}"
+
+
+def _probe_name() -> str:
+    return f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,7 +2,10 @@
 
 Credentials come from boto3's standard chain (in a pod: the env vars ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` from the job's credentialsSecret). Every failure is turned into a
-:class:`TrainerError` that names the URI, the bucket and what to check.
+:class:`TrainerError` that names the URI, the bucket and what to check: an :class:`AccessError`
+(permanent, exit 77) when S3 refused the credentials or a bucket or key does not exist, a
+plain TrainerError (transient, exit 1) for what a retry may cure (no connection, timeouts,
+5xx, throttling).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import boto3
+from boto3.exceptions import Boto3Error
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
-from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.errors import AccessError, ConfigError, TrainerError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client  # only for editors; not a runtime dependency
@@ -25,10 +29,10 @@ if TYPE_CHECKING:
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split ``s3://bucket/key`` into ``(bucket, key)``; key may be empty or end with "/"."""
     if not uri.startswith("s3://"):
-        raise TrainerError(f"{uri!r} is not an S3 URI: expected s3://<bucket>/<key>")
+        raise ConfigError(f"{uri!r} is not an S3 URI: expected s3://<bucket>/<key>")
     bucket, _, key = uri[len("s3://"):].partition("/")
     if len(bucket) < 3:
-        raise TrainerError(
+        raise ConfigError(
             f"{uri!r} has no valid bucket name ({bucket!r}): expected s3://<bucket>/<key> with a "
             "bucket of at least 3 characters"
         )
@@ -59,7 +63,7 @@ def download_file(client: S3Client, uri: str, dest: Path) -> Path:
     """Download the object at ``uri`` to the file ``dest`` (parents created)."""
     bucket, key = parse_s3_uri(uri)
     if not key or key.endswith("/"):
-        raise TrainerError(f"{uri!r} names a folder; expected the URI of one object")
+        raise ConfigError(f"{uri!r} names a folder; expected the URI of one object")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _explained(uri, bucket, client):
         client.download_file(bucket, key, str(dest))
@@ -87,7 +91,7 @@ def download_prefix(client: S3Client, uri: str, dest_dir: Path) -> list[Path]:
                 client.download_file(bucket, obj["Key"], str(target))
                 written.append(target)
     if not written:
-        raise TrainerError(
+        raise AccessError(
             f"no objects under {uri}: check the URI (bucket {bucket!r}, prefix {prefix!r}) and "
             "that the upload finished"
         )
@@ -109,6 +113,19 @@ def put_bytes(client: S3Client, data: bytes, uri: str) -> None:
     bucket, key = parse_s3_uri(uri)
     with _explained(uri, bucket, client):
         client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def get_bytes(client: S3Client, uri: str) -> bytes | None:
+    """The body of a small object (a manifest), None if there is no such object."""
+    bucket, key = parse_s3_uri(uri)
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404 and exc.response.get(
+                "Error", {}).get("Code") != "NoSuchBucket":
+            return None
+        with _explained(uri, bucket, client):
+            raise
 
 
 def head(client: S3Client, uri: str) -> dict | None:
@@ -166,8 +183,17 @@ def join_uri(folder_uri: str, name: str) -> str:
     return folder_uri.rstrip("/") + "/" + name.lstrip("/")
 
 
+NO_ACCESS_CODES = frozenset({"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                             "AllAccessDisabled", "AccountProblem"})
+"""S3 refused these credentials for this bucket: the same request fails the same way again."""
+TRANSIENT_403_CODES = frozenset({"RequestTimeTooSkewed", "ExpiredToken", "TokenRefreshRequired"})
+"""403s a restart can cure: a node's clock, short-lived credentials that are renewed."""
+
+
 class _explained:
-    """Context manager turning botocore failures into one-line, actionable TrainerErrors."""
+    """Context manager turning botocore failures into one-line, actionable TrainerErrors:
+    AccessErrors (permanent) for refusals and missing buckets or keys, plain TrainerErrors
+    (transient) for everything a retry may cure."""
 
     def __init__(self, uri: str, bucket: str, client: S3Client) -> None:
         self.uri, self.bucket, self.client = uri, bucket, client
@@ -178,26 +204,34 @@ class _explained:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, _tb: object) -> bool:
         if exc is None or isinstance(exc, TrainerError):
             return False
+        if isinstance(exc, Boto3Error) and isinstance(exc.__context__, (ClientError, BotoCoreError)):
+            # boto3's transfers re-raise S3's answer as S3UploadFailedError / RetriesExceededError.
+            exc = exc.__context__
         if isinstance(exc, NoCredentialsError):
-            hint = "no S3 credentials: set storage.credentialsSecret on the FineTuneJob (env AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-        elif isinstance(exc, EndpointConnectionError):
-            hint = f"cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')}): check storage.endpoint and the network"
-        elif isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "NoSuchBucket" or (status == 404 and not self._bucket_exists()):
-                hint = f"bucket {self.bucket!r} does not exist: create it or fix the URI"
-            elif code in ("NoSuchKey", "404") or status == 404:
-                hint = f"no such object in bucket {self.bucket!r}: check the key and that the upload finished"
-            elif code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
-                hint = f"access denied to bucket {self.bucket!r} ({code}): check the credentials in storage.credentialsSecret and the bucket policy"
-            else:
-                hint = f"S3 error {code or status} on bucket {self.bucket!r}: {exc}"
-        elif isinstance(exc, BotoCoreError):
-            hint = f"S3 client error: {exc}"
-        else:
-            return False
-        raise TrainerError(f"{self.uri}: {hint}") from None
+            raise AccessError(f"{self.uri}: no S3 credentials: set storage.credentialsSecret on the FineTuneJob "
+                              "(env AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
+        if isinstance(exc, EndpointConnectionError):
+            raise TrainerError(f"{self.uri}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url')}): "
+                               "check storage.endpoint and the network") from None
+        if isinstance(exc, ClientError):
+            raise self._client_error(exc) from None
+        if isinstance(exc, (BotoCoreError, Boto3Error)):  # timeouts, dropped connections, retries used up
+            raise TrainerError(f"{self.uri}: S3 client error: {exc}") from None
+        return False
+
+    def _client_error(self, exc: ClientError) -> TrainerError:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket" or (status == 404 and not self._bucket_exists()):
+            return AccessError(f"{self.uri}: bucket {self.bucket!r} does not exist: create it or fix the URI")
+        if code in ("NoSuchKey", "404") or status == 404:
+            return AccessError(f"{self.uri}: no such object in bucket {self.bucket!r}: check the key and that "
+                               "the upload finished")
+        if code in NO_ACCESS_CODES or (status == 403 and code not in TRANSIENT_403_CODES):
+            return AccessError(f"{self.uri}: access denied to bucket {self.bucket!r} ({code}): check the "
+                               "credentials in storage.credentialsSecret and the bucket policy")
+        # 5xx, SlowDown and other throttling, RequestTimeout, a skewed clock: worth a restart.
+        return TrainerError(f"{self.uri}: S3 error {code or status} on bucket {self.bucket!r}: {exc}")
 
     def _bucket_exists(self) -> bool:
         """A 404 from HeadObject does not say whether the bucket or the key is missing."""

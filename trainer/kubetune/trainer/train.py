@@ -23,14 +23,25 @@ The recipe (``LoRAFineTuneRecipe``, one method per stage, in this order):
   train    epochs x micro-batches; DeepSpeed accumulates gradients up to globalBatchSize and
            steps the optimizer; stops at maxSteps; rank 0 logs and updates /metrics;
            evaluates at each epoch end; checkpoints every checkpointEverySteps, at epoch ends
-           and at the end (uploads in the background)
-  finish_training  final evaluation; above qualityGate.maxEvalLoss every rank exits 1, nothing published
+           and at the end (uploads in the background); on SIGTERM stops at the end of the
+           step, after a checkpoint of it is COMPLETE in S3 (exit 143)
+  finish_training  final evaluation; above qualityGate.maxEvalLoss every rank exits 79, nothing published
   save_adapter     gather the LoRA weights (ZeRO-3 shards them) -> save_pretrained on rank 0
   publish  rank 0 stages adapter + tokenizer beside adapterUri, verifies, copies them in,
            then writes manifest.json last (publish.py)
   cleanup  leave the process group, remove the downloads
 
 ``on_step_end`` is called after every optimizer step: the tests' fault injection subclasses it.
+
+SIGTERM: when a worker pod is deleted (suspend, gang restart, job deleted) the kubelet sends
+SIGTERM to torchrun, which sends it on to every worker's process group and SIGKILLs them
+``--shutdown-timeout`` seconds later (default 30; torch 2.13). During ``train`` a worker only
+notes it; at the start of the next optimizer step the ranks agree, in the all_reduce they
+already make for the step's token count, whether any rank was signalled, and if so every rank
+checkpoints the step just finished, waits for its COMPLETE marker and exits 143 (retryable). A
+SIGTERM during the last step is agreed on once after the loop. Without output.checkpointUri
+there is nothing to keep and the worker stops at once. Outside ``train`` (downloads, final
+evaluation, publishing) SIGTERM keeps its default and ends the process.
 
 GPU path: with CUDA visible, each process takes ``cuda:LOCAL_RANK``, the backend is nccl and
 ``precision: auto`` means bf16. It is written to the same DeepSpeed API as the CPU path but
@@ -43,8 +54,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -55,7 +68,7 @@ from typing import Any
 import torch
 
 from kubetune.api.trainer_config import TrainerConfig, load_config
-from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.errors import ConfigError, DataError, QualityGateError, Stopped, TrainerError
 from kubetune.trainer.metrics import progress_bar
 
 log = logging.getLogger("kubetune.trainer")
@@ -166,6 +179,8 @@ class LoRAFineTuneRecipe:
         self.initial_eval: float | None = None
         self.final_eval: float | None = None
         self.progress = Progress()
+        self.stop_requested = False
+        """Set by SIGTERM during ``train``; acted on at the next step boundary all ranks agree on."""
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -184,6 +199,7 @@ class LoRAFineTuneRecipe:
 
         _configure_logging(self.topo)  # again: importing deepspeed resets its logger to INFO
         self.metrics = _start_metrics(self.config, self.topo)
+        _without_shm_comm_op(deepspeed)
         # nccl for GPUs, gloo on CPUs. A timeout of minutes, not torch's half hour: a rank that
         # died leaves the others blocked in a collective, and they should fail while a restart helps.
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
@@ -244,7 +260,7 @@ class LoRAFineTuneRecipe:
                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
             ))
         except ValueError as exc:
-            raise TrainerError(f"lora.targetModules {list(lora.target_modules)}: {exc}") from None
+            raise ConfigError(f"lora.targetModules {list(lora.target_modules)}: {exc}") from None
 
     def _build_engine(self, model: Any) -> None:
         """DeepSpeed around the LoRA model, with a torch AdamW over the trainable (LoRA)
@@ -300,6 +316,7 @@ class LoRAFineTuneRecipe:
         from kubetune.trainer.checkpoint import Position
 
         start = self.resumed.position if self.resumed else Position(0, 0, 0)
+        self.position = start  # where the next micro-batch is: what a checkpoint now would record
         # Sums since the last log line: [summed loss, trained tokens, real tokens, token
         # positions incl. padding, examples].
         self.window = torch.tensor(self.resumed.rank_state["window"] if self.resumed else [0.0] * 5,
@@ -309,17 +326,23 @@ class LoRAFineTuneRecipe:
         self.window_start = self.started = time.perf_counter()
         self.seconds_before = self.progress.seconds
         self.engine.train()
+        previous = _handle_sigterm(self._on_sigterm)
         try:
             for epoch in range(start.epoch, self.config.training.epochs):
                 if self.progress.steps >= self.plan.total_steps or self._train_epoch(epoch, start):
                     break
+            # A SIGTERM during the last step: no next step agrees on it, so agree once here
+            # (without checkpoints the handler has stopped the process already).
+            if self.checkpointer and _any_rank(self.stop_requested):
+                self._stop()
         finally:
+            _handle_sigterm(previous)
             self.bar.close()
             self.progress.seconds = self.seconds_before + time.perf_counter() - self.started
 
     def _train_epoch(self, epoch: int, start: Any) -> bool:
         """One epoch (from the saved batch, when resuming into it); True when maxSteps is reached."""
-        from kubetune.trainer.loss import output_layer, trained_tokens_all_ranks
+        from kubetune.trainer.loss import output_layer, step_start_all_ranks
 
         # 1. This epoch's micro-batches for this rank: the same count on every rank, a multiple
         #    of the accumulation steps so every optimizer step is complete. They depend only
@@ -328,8 +351,13 @@ class LoRAFineTuneRecipe:
             : self.plan.steps_per_epoch * self.accumulation]
         head = output_layer(self.engine.module)
         for index in range(start.batch if epoch == start.epoch else 0, len(batches)):
-            if index % self.accumulation == 0:  # an optimizer step begins: how many tokens it trains
-                self.step_tokens = trained_tokens_all_ranks(batches[index : index + self.accumulation])
+            if index % self.accumulation == 0:
+                # An optimizer step begins: how many tokens it trains, and whether any rank got
+                # SIGTERM since the last one began (one small all_reduce for both).
+                self.step_tokens, stop = step_start_all_ranks(
+                    batches[index : index + self.accumulation], self.stop_requested)
+                if stop:
+                    self._stop()
             self._micro_batch(head, batches[index])
             if (index + 1) % self.accumulation:
                 continue
@@ -378,10 +406,11 @@ class LoRAFineTuneRecipe:
             self._evaluate_epoch(epoch)
         # 6. Checkpoint every checkpointEverySteps, at each epoch end and at the end; the
         #    upload runs in the background.
+        self.position = Position(progress.steps, epoch + 1, 0) if epoch_end else Position(
+            progress.steps, epoch, index + 1)
         if self.checkpointer and (epoch_end or last or (every and progress.steps % every == 0)):
             progress.seconds = self.seconds_before + time.perf_counter() - self.started
-            position = Position(progress.steps, epoch + 1, 0) if epoch_end else Position(progress.steps, epoch, index + 1)
-            self.checkpointer.save(self.engine, position, progress.to_state(self.initial_eval),
+            self.checkpointer.save(self.engine, self.position, progress.to_state(self.initial_eval),
                                    {"window": self.window.tolist()})
         self.on_step_end(progress.steps)
         # 7. Stop at maxSteps, possibly mid-epoch.
@@ -389,6 +418,34 @@ class LoRAFineTuneRecipe:
 
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step and its checkpoint; a subclass may act on it."""
+
+    def _on_sigterm(self, _signum: int, _frame: Any) -> None:
+        """torchrun passed on the pod's SIGTERM. With checkpoints: only note it (the step ends,
+        the ranks agree, ``_stop`` checkpoints). Without: nothing to keep, stop at once."""
+        if self.checkpointer is None:
+            raise Stopped(self.progress.steps, self.plan.total_steps,
+                          "without a checkpoint (no output.checkpointUri): a restart starts over")
+        self.stop_requested = True
+
+    def _stop(self) -> None:
+        """Every rank, at a step boundary after a SIGTERM: checkpoint the step just finished,
+        wait until it is COMPLETE in S3 and raise Stopped, so the restarted gang resumes here."""
+        progress = self.progress
+        if self.topo.is_main:
+            log.warning("SIGTERM: stopping at step %d/%d", progress.steps, self.plan.total_steps)
+        progress.seconds = self.seconds_before + time.perf_counter() - self.started
+        if progress.steps == 0:
+            how = "before its first step ended (nothing to checkpoint): a restart starts over"
+        elif self.resumed is not None and progress.steps == self.resumed.position.step:
+            how = (f"with a checkpoint ({self.checkpointer.step_uri(progress.steps)}, the one it resumed from): "
+                   "a restart resumes from it")
+        elif self.checkpointer.save_now(self.engine, self.position, progress.to_state(self.initial_eval),
+                                        {"window": self.window.tolist()}):
+            how = f"with a checkpoint ({self.checkpointer.step_uri(progress.steps)}): a restart resumes from it"
+        else:
+            how = ("but its checkpoint could not be completed (see the log): a restart resumes from the newest "
+                   "complete one")
+        raise Stopped(progress.steps, self.plan.total_steps, how)
 
     def _log_window(self) -> None:
         """Mean loss over all ranks since the last line, throughput, the metrics."""
@@ -456,7 +513,7 @@ class LoRAFineTuneRecipe:
             log.info("final eval_loss=%.6f", self.final_eval)
         gate = self.config.quality_gate.max_eval_loss
         if gate is not None and self.final_eval is not None and self.final_eval > gate:
-            raise TrainerError(
+            raise QualityGateError(
                 f"eval loss {self.final_eval:.4f} > qualityGate.maxEvalLoss {gate:g}: adapter not published")
 
     def save_adapter(self) -> None:
@@ -474,7 +531,9 @@ class LoRAFineTuneRecipe:
                 self.tokenizer.save_pretrained(self.adapter_dir)
 
     def publish(self) -> dict[str, Any] | None:
-        """Rank 0: adapter files first, manifest.json last. Nobody leaves before it is done."""
+        """Rank 0: adapter files first, manifest.json last. Nobody leaves before it is done.
+        Rank 0 returns the manifest's results plus ``manifestSha256`` (for the termination
+        message: which publish is this job's)."""
         from kubetune.trainer.publish import publish_adapter
 
         results = None
@@ -496,7 +555,8 @@ class LoRAFineTuneRecipe:
                 "worldSize": self.topo.world_size,
                 "resumedFromStep": self.resumed.position.step if self.resumed else None,
             }
-            publish_adapter(self.s3, self.adapter_dir, self.config, results)
+            published = publish_adapter(self.s3, self.adapter_dir, self.config, results)
+            results = {**results, "manifestSha256": published.sha256}
             log.info("done steps=%d final_loss=%.4f eval_loss=%s adapter=%s", progress.steps, progress.last_loss,
                      _fmt(self.final_eval), self.config.output.adapter_uri)
         torch.distributed.barrier()
@@ -511,12 +571,39 @@ class LoRAFineTuneRecipe:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _without_shm_comm_op(deepspeed: Any) -> None:
+    """On CPUs DeepSpeed compiles its shared-memory all-reduce op the first time its comm backend
+    starts (a minute, again whenever the environment moves) under a lock file in
+    ~/.cache/torch_extensions. Only inference's tensor-parallel all-reduce uses it; training's
+    collectives are gloo's. And a worker killed while it holds that lock (a gang restart, a
+    suspend) leaves the lock behind, and every later worker sharing the cache waits for it
+    forever. So the trainer tells DeepSpeed the op is unavailable, as on a platform without it."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def collective_timeout() -> timedelta:
     """How long a collective waits for the other ranks (KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS,
     default 10 minutes: long enough for a node to download its model while the others wait at
     the barrier, short enough that a dead peer ends the survivors in minutes)."""
     seconds = os.environ.get("KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS", "")
     return timedelta(seconds=int(seconds) if seconds.isdigit() and int(seconds) > 0 else 600)
+
+
+def _handle_sigterm(handler: Any) -> Any:
+    """Install ``handler`` for SIGTERM; returns the one it replaces. Only the main thread may
+    (an in-process caller on another thread keeps the default)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a collective)."""
+    found = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(found)
+    return bool(found.item() > 0)
 
 
 def _evaluate(
@@ -557,7 +644,7 @@ def gradient_accumulation_steps(config: TrainerConfig, world_size: int) -> int:
     training = config.training
     per_pass = training.micro_batch_size * world_size
     if training.global_batch_size % per_pass:
-        raise TrainerError(
+        raise ConfigError(
             f"training.globalBatchSize ({training.global_batch_size}) must be a multiple of "
             f"training.microBatchSize ({training.micro_batch_size}) x world size ({world_size}) "
             f"= {per_pass}; change either field or workers.replicas / gpusPerWorker"
@@ -622,7 +709,7 @@ def _plan_steps(config: TrainerConfig, topo: Topology, train_set: list, accumula
             " packed into rows of training.sequenceLength tokens (with training.packing, batch "
             "sizes count rows)" if training.packing else ""
         )
-        raise TrainerError(
+        raise DataError(
             f"dataset {config.dataset.uri} has {len(train_set)} training examples{packed}, fewer than one "
             f"global batch (training.globalBatchSize = {training.global_batch_size}): add data or "
             "lower training.globalBatchSize"
@@ -643,7 +730,7 @@ def _download_inputs(s3: Any, config: TrainerConfig, model_dir: Path, data_path:
     if config.dataset.validation_uri:
         download_file(s3, config.dataset.validation_uri, _validation_path(data_path))
     if not (model_dir / "config.json").is_file():
-        raise TrainerError(
+        raise ConfigError(
             f"{config.model.uri} has no config.json: model.uri must be a folder written by "
             "save_pretrained (config.json, tokenizer files, weights)"
         )
@@ -689,7 +776,7 @@ def _resolved_precision(config: TrainerConfig, on_gpu: bool) -> str:
 
 def _check_precision(config: TrainerConfig, device: torch.device) -> None:
     if device.type != "cuda" and config.training.precision in ("bf16", "fp16"):
-        raise TrainerError(
+        raise ConfigError(
             f"training.precision {config.training.precision} needs a GPU and this worker has none: "
             "use precision auto or fp32, or set workers.gpusPerWorker"
         )
@@ -717,6 +804,8 @@ def _start_metrics(config: TrainerConfig, topo: Topology) -> Any:
     try:
         metrics.serve(config.metrics.port)
     except OSError as exc:
+        # Transient (exit 1): whoever holds the port (another pod on a host network, as in the
+        # local cluster without network namespaces) may let go of it before the restart.
         raise TrainerError(
             f"metrics.port {config.metrics.port}: cannot listen ({exc.strerror}); pick a free port or 0 to disable"
         ) from None

@@ -4,7 +4,8 @@ are local processes.
 Like a kubelet it is only an API client with the node's own identity: it registers its Node
 (the machine's CPUs, memory, disk and GPUs as capacity), renews the node Lease, watches the
 pods the scheduler binds to it (``spec.nodeName``), runs one ``PodWorker`` per pod, finishes
-graceful deletions, and serves container logs to the API server over TLS (``server.py``).
+graceful deletions, and serves container logs to the API server over TLS (``server.py``). It
+runs only the images it knows (``images.LocalImages``: the defaults plus ``images``).
 Scheduling, garbage collection, service accounts and everything else are the control plane's.
 """
 
@@ -24,6 +25,7 @@ from kubetune.localcluster import hostsfile
 from kubetune.localcluster.kubelet import podconfig
 from kubetune.localcluster.kubelet.apiclient import ApiClient, ApiError, client_ssl_context
 from kubetune.localcluster.kubelet.devices import GPUs, RESOURCE, count_gpus
+from kubetune.localcluster.kubelet.images import LocalImages
 from kubetune.localcluster.kubelet.podstatus import now
 from kubetune.localcluster.kubelet.podworker import PodWorker
 from kubetune.localcluster.kubelet.server import NodeServer
@@ -72,6 +74,7 @@ class Kubelet:
         state_dir: Path,
         s3_address: str,
         node_name: str = NODE_NAME,
+        images: LocalImages | None = None,
     ) -> None:
         # The node's own identity (system:node:<name>) toward the API server.
         self.api = ApiClient(api_url, client_ssl_context(ca, client.cert, client.key))
@@ -79,6 +82,7 @@ class Kubelet:
         self.state_dir = Path(state_dir)
         self.node_name = node_name
         self.s3_address = s3_address
+        self.images = images or LocalImages()
         host_port = api_url.removeprefix("https://").rstrip("/")
         self.api_host, self.api_port = host_port.rsplit(":", 1)
         self.workers: dict[str, PodWorker] = {}  # by pod uid
@@ -184,7 +188,7 @@ class Kubelet:
                 "operatingSystem": "linux",
                 "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine),
                 "containerRuntimeVersion": "kubetune-local://processes",
-                "osImage": "local processes (the image is ignored)",
+                "osImage": "local processes in the node's Python environment",
                 "kernelVersion": os.uname().release,
                 "machineID": "",
                 "systemUUID": "",

@@ -26,7 +26,6 @@ class ContainerState:
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None
-    signal: int | None = None
     last_terminated: dict[str, Any] | None = None
     pid: int | None = None
 
@@ -37,7 +36,6 @@ class ContainerState:
             "startedAt": self.started_at,
             "finishedAt": self.finished_at,
             "containerID": self.container_id or None,
-            "signal": self.signal or None,
             "message": self.message or None,
         }
         return out

@@ -8,11 +8,13 @@ What a kubelet does, for containers that are local processes:
   status (Succeeded or Failed) reported, then the node agent deletes the pod for good;
 * stdout and stderr go to CRI-format log files (``containerlogs``), one per container start;
 * termination messages: a per-container file bind-mounted at ``terminationMessagePath``;
-  without mount namespaces its path is passed in ``$KUBETUNE_TERMINATION_LOG`` instead.
+  without mount namespaces its path is passed in ``$KUBETUNE_TERMINATION_LOG`` instead;
+* images: a container whose image the node does not run (``images``) waits with
+  ErrImagePull, then ImagePullBackOff (back-off as for restarts), and never starts.
 
-Local-mode differences (each one a pod Event, see ``local_mode_differences``): the image is
-ignored and the command runs in this Python environment, as the cluster's own user; no probes,
-no resource limits (the scheduler still places pods by their requests).
+Local-mode differences (each one a pod Event, see ``local_mode_differences``): the image's
+contents are not used, the command runs in this Python environment, as the cluster's own user;
+no probes, no resource limits (the scheduler still places pods by their requests).
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_RETRY_SECONDS = 1.0
+PULL_RESYNC_SECONDS = 1.0  # how long ErrImagePull shows before ImagePullBackOff (the kubelet's next sync)
 FIRST_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 60.0
 LOG_DRAIN_SECONDS = 2.0
 TOKEN_REFRESH_FRACTION = 0.8  # the kubelet renews a projected token at 80% of its lifetime
+WAITING_LOG_ANSWERS = {"ErrImagePull": "image can't be pulled", "ImagePullBackOff": "trying and failing to pull image"}
 
 
 def local_mode_differences(pod: dict[str, Any]) -> list[str]:
@@ -123,6 +127,10 @@ class PodWorker:
 
     def log_file(self, container: str | None, previous: bool) -> tuple[Path, Callable[[], bool]]:
         state = self.container_state(container)
+        if not previous and state.state == "waiting" and state.last_terminated is None:
+            # Never started: the kubelet answers why instead of logs (validateContainerLogStatus).
+            why = WAITING_LOG_ANSWERS.get(state.reason, state.reason)
+            raise KeyError(f'container "{state.name}" in pod "{self.name}" is waiting to start: {why}')
         restart = state.restart_count - 1 if previous else state.restart_count
         if restart < 0:
             raise KeyError(f'previous terminated container "{state.name}" in pod "{self.name}" not found')
@@ -236,6 +244,8 @@ class PodWorker:
     async def _container_loop(self, spec: dict[str, Any], container: ContainerState) -> None:
         backoff = FIRST_BACKOFF_SECONDS
         while not self.stopping:
+            if not await self._ensure_image(spec, container):
+                return
             prepared = await self._prepare(spec, container)
             if prepared is None:
                 await self._pause(CONFIG_RETRY_SECONDS)
@@ -271,6 +281,8 @@ class PodWorker:
             while True:
                 if self.stopping:
                     return False
+                if not await self._ensure_image(spec, container):
+                    return False
                 prepared = await self._prepare(spec, container)
                 if prepared is None:
                     await self._pause(CONFIG_RETRY_SECONDS)
@@ -289,6 +301,39 @@ class PodWorker:
                 await self._pause(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
         return True
+
+    # -- images ----------------------------------------------------------------------------
+    async def _ensure_image(self, spec: dict[str, Any], container: ContainerState) -> bool:
+        """The kubelet's image step before each start. An image this node does not run keeps
+        the container waiting until the pod is stopped (False then), retried with back-off and
+        Events as a real node does, though here no retry can succeed: the node's images are
+        fixed when it starts."""
+        failure = self.node.images.ensure(spec.get("image", ""), spec.get("imagePullPolicy"))
+        if failure is None:
+            return True
+        backoff = FIRST_BACKOFF_SECONDS
+        while not self.stopping:
+            await self._show_image_failure(container, failure.reason, failure.message, failure.events)
+            if failure.backoff_message is not None:
+                await self._pause(PULL_RESYNC_SECONDS)
+                if self.stopping:
+                    break
+                # As the kubelet does, the back-off message carries the failed pull's error.
+                message = f"{failure.backoff_message}: {failure.reason}: {failure.message}"
+                await self._show_image_failure(container, "ImagePullBackOff", message,
+                                               (("Normal", "BackOff", failure.backoff_message),))
+            await self._pause(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+        return False
+
+    async def _show_image_failure(
+        self, container: ContainerState, reason: str, message: str, events: tuple[tuple[str, str, str], ...]
+    ) -> None:
+        container.state, container.reason, container.message = "waiting", reason, message
+        # The kubelet's startContainer adds "Error: <reason>" to the image manager's own events.
+        for kind, event_reason, text in (*events, ("Warning", "Failed", f"Error: {reason}")):
+            self.node.event(self.pod, kind, event_reason, text)
+        await self._report()
 
     # -- configuration ---------------------------------------------------------------------
     async def _tokens_now(self) -> dict[podconfig.TokenSource, str]:
@@ -343,8 +388,8 @@ class PodWorker:
         if not argv:
             await self._config_error(
                 container,
-                "the local node ignores images, so the container needs a command "
-                f"(container {container.name} of {self.namespace}/{self.name})",
+                "the local node runs a container's command, not its image's entrypoint, so the container "
+                f"needs a command (container {container.name} of {self.namespace}/{self.name})",
             )
             return None
         # Emptied at every start: a restarted container must not report its previous message.
@@ -425,26 +470,23 @@ class PodWorker:
         self.processes.pop(container.name, None)
         if self._is_main(container) and self.state.ready_since:
             self.state.ready_since = now()
+        # Killed by signal N: exit code 128+N and reason Error, as containerd reports it (never
+        # OOMKilled: no memory limit is enforced here). `terminated.signal` stays unset: a real
+        # kubelet never fills it in, so nothing may rely on it.
         exit_code = 128 - code if code < 0 else code
         message = termination.read_message(spec, self.termination_file(container), self.log_path(container), exit_code)
-        if code < 0:
-            self._set_terminated(container, exit_code, "Error", message, signal_number=-code)
-        else:
-            self._set_terminated(container, code, terminated_reason(code), message)
+        self._set_terminated(container, exit_code, terminated_reason(exit_code), message)
         return exit_code
 
     def _is_main(self, container: ContainerState) -> bool:
         return any(container is main for main in self.containers)
 
     @staticmethod
-    def _set_terminated(
-        container: ContainerState, code: int, reason: str, message: str | None, signal_number: int | None = None
-    ) -> None:
+    def _set_terminated(container: ContainerState, code: int, reason: str, message: str | None) -> None:
         container.state = "terminated"
         container.exit_code = code
         container.reason = reason
         container.message = message
-        container.signal = signal_number
         container.finished_at = now()
         container.started_at = container.started_at or container.finished_at
 
