@@ -250,7 +250,8 @@ def _serve_trainer_metrics(step: int) -> int:
 
 async def _scrape(memo: kopf.Memo) -> None:
     async with aiohttp.ClientSession(trust_env=False) as memo.http:
-        await handlers.finetunejob_progress(namespace="default", name="quickstart", uid=UID, memo=memo,
+        await handlers.finetunejob_progress(namespace="default", name="quickstart", uid=UID,
+                                            status=memo.kube.job["status"], memo=memo,
                                             pods_by_job={UID: memo.kube.pods()}, logger=LOG)
 
 

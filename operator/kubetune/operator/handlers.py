@@ -187,12 +187,13 @@ async def finetunejob_tick(namespace: str, name: str, uid: str, memo: kopf.Memo,
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_SECONDS, sharp=True, when=_scraped)
-async def finetunejob_progress(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
-                               logger: kopf.Logger, **_: Any) -> None:
+async def finetunejob_progress(namespace: str, name: str, uid: str, status: kopf.Status, memo: kopf.Memo,
+                               pods_by_job: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
     """While the job runs: rank 0's /metrics become ``status.progress``, and the reconciler sees
     them (a stall, Publishing) along with the time (a deadline)."""
-    metrics_text = await _scrape(JobRef(name=name, namespace=namespace, uid=uid), _pods(pods_by_job, uid), memo,
-                                 logger)
+    attempt = (status.get("launched") or {}).get("attempt")
+    metrics_text = await _scrape(JobRef(name=name, namespace=namespace, uid=uid), _pods(pods_by_job, uid), attempt,
+                                 memo, logger)
     await _sync("progress", namespace, name, uid, pods_by_job, memo, logger, metrics_text=metrics_text)
 
 
@@ -317,14 +318,14 @@ async def _post(job: Job, event: Event, memo: kopf.Memo, logger: kopf.Logger) ->
 
 
 # -- progress ----------------------------------------------------------------------------------
-async def _scrape(job: JobRef, pods: list[dict[str, Any]], memo: kopf.Memo, logger: kopf.Logger) -> str | None:
+async def _scrape(job: JobRef, pods: list[dict[str, Any]], attempt: int | None, memo: kopf.Memo,
+                  logger: kopf.Logger) -> str | None:
     """Rank 0's /metrics text of the current attempt, or None. A failed scrape is no error: the
     job runs on, the failure is counted, and the next tick tries again."""
     await asyncio.sleep(random.uniform(0, PROGRESS_SECONDS / 5))  # jobs started together scrape apart
-    newest = max((int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, 0)) for pod in ours(job, pods)), default=0)
     rank0 = [pod for pod in ours(job, pods)
              if pod["metadata"].get("labels", {}).get(REPLICA_INDEX_LABEL) == "0"
-             and int(pod["metadata"]["labels"].get(ATTEMPT_LABEL, 0)) == newest]
+             and pod["metadata"]["labels"].get(ATTEMPT_LABEL) == str(attempt)]
     url = metrics_url(rank0[0]) if rank0 else None
     if url is None:
         return None  # worker-0 has no IP yet, or no metrics port to scrape

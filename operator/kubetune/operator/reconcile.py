@@ -38,7 +38,8 @@ from kubetune.api import FINAL_PHASES, InvalidObjectError, JobRef, check_job_nam
 from kubetune.api.spec import FineTuneJobSpec, RunPolicy
 from kubetune.api.status import Phase
 from kubetune.operator.manifests import (
-    PREFLIGHT, build_config_map, build_preflight_pod, build_workers, owned_by, pod_name, trainer_config,
+    PREFLIGHT, build_config_map, build_preflight_pod, build_worker_pod, build_workers, owned_by, pod_name,
+    trainer_config,
 )
 from kubetune.operator.pods import FailureReport, PodObservation, describe_failure, observe_pod
 from kubetune.operator.progress import finished_progress
@@ -241,9 +242,8 @@ class _Pass:
         if missing and not running_before:
             # Not seen running yet: created a moment ago (the watch has not shown it), or deleted
             # before it ran: create it, idempotently, as the Job controller replaces a pod.
-            actions += tuple(Create(child) for child in build_workers(self.job.ref, self._spec, self.settings,
-                                                                       self.attempt)
-                             if child["kind"] == "Pod" and _index_of(child) in missing)
+            actions += tuple(Create(build_worker_pod(self.job.ref, self._spec, index, self.settings, self.attempt))
+                             for index in missing)
         pods = list(self.current.values())
         if not missing and pods and all(pod.phase == "Succeeded" for pod in pods):
             return self.succeed(counts)
@@ -476,10 +476,6 @@ class _Pass:
         cost.update(attempts=attempts, workerSeconds=sum(a["workerSeconds"] for a in attempts),
                     gpuSeconds=sum(a["gpuSeconds"] for a in attempts))
         return cost
-
-
-def _index_of(pod: Mapping[str, Any]) -> int:
-    return observe_pod(dict(pod)).index
 
 
 def _cleanup(policy: RunPolicy, pods: Sequence[PodObservation]) -> tuple[Action, ...]:
