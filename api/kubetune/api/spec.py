@@ -622,8 +622,9 @@ class RunPolicy(ApiModel):
     suspend: bool = False
     """true stops the workers and keeps the progress (a checkpoint is written on the way out when
     output.checkpointUri is set and the trainer has time); false starts them again, resuming from
-    the newest complete checkpoint. The only field that may change after creation; a queue
-    controller such as Kueue creates jobs suspended and resumes them when admitted."""
+    the newest complete checkpoint. The only field that may change after creation: a job created
+    suspended waits until something (a person, a queue controller) sets it false. Kueue queues
+    the worker pods instead: see spec.scheduling.queueName."""
     backoff_limit: int = Field(3, ge=0, le=100)
     """Gang restarts allowed after a worker fails, disappears or stalls; each restart recreates
     every worker, which resumes from the newest complete checkpoint. Bad input (config, data,
