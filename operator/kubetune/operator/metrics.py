@@ -5,9 +5,8 @@ A private registry per instance keeps tests independent and the output to these 
 
 from __future__ import annotations
 
+from kubetune.api import PHASES
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-
-PHASES = ("Pending", "Running", "Succeeded", "Failed")
 
 
 class OperatorMetrics:
