@@ -43,8 +43,9 @@ def _pids() -> list[int]:
 
 
 def pids_of_job(job_name: str) -> list[int]:
-    """Every torchrun of the job's workers."""
-    return [pid for pid in _pids() if f"--master-addr={job_name}-worker-0." in _cmdline(pid)]
+    """Every torchrun of the job's workers (not the log keeper that started it)."""
+    return [pid for pid in _pids() if f"--master-addr={job_name}-worker-0." in (line := _cmdline(pid))
+            and "kubetune.trainer.logkeeper" not in line]
 
 
 def rank_pids(job_name: str, node_rank: int) -> list[int]:

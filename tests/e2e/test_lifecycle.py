@@ -39,7 +39,11 @@ def endless_job(name: str, **overrides: object) -> str:
 
 
 def published(s3, name: str) -> dict:
-    return json.loads(s3.get_object(Bucket="adapters", Key=f"{name}/manifest.json")["Body"].read())
+    return json.loads(s3_text(s3, f"{name}/manifest.json"))
+
+
+def s3_text(s3, key: str, bucket: str = "adapters") -> str:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
 def after_a_checkpoint(stack, name: str) -> int:
@@ -93,6 +97,13 @@ def test_killing_worker_1_mid_run_restarts_the_gang_from_the_checkpoint(stack, u
     reasons = [e["reason"] for e in kubectl.json("get", "events", "--field-selector",
                                                  "involvedObject.name=killed")["items"]]
     assert "Restarting" in reasons and reasons.count("Created") == 2
+
+    # Every pod is gone, its whole log is not: the killed rank's torchrun report, the resume.
+    logs = "killed-checkpoints.logs"
+    assert restarting["lastFailure"]["logUri"] == f"s3://adapters/{logs}/attempt-1/killed-worker-1.log"
+    assert "Signal 9 (SIGKILL) received by PID" in s3_text(stack.s3, f"{logs}/attempt-1/killed-worker-1.log")
+    resumed = s3_text(stack.s3, f"{logs}/attempt-2/killed-worker-0.log")
+    assert "resuming from checkpoint" in resumed and f"step={STEPS}/{STEPS}" in resumed, resumed[-3000:]
 
 
 def test_kubectl_delete_pod_of_a_worker_restarts_the_gang(stack):

@@ -120,20 +120,39 @@ def test_a_pod_that_cannot_fit_stays_pending_with_the_schedulers_reason(cluster:
 
 
 def test_graceful_deletion_sends_sigterm_then_sigkill_after_the_grace_period(cluster: Cluster) -> None:
-    # Ignores SIGTERM: only the SIGKILL at the end of the 3 s grace period stops it.
-    script = "trap 'echo got SIGTERM' TERM; echo started; while true; do sleep 0.1; done"
+    # Both ignore SIGTERM: only the SIGKILL at the end of the 3 s grace period stops them. As a
+    # container runtime does, SIGTERM goes to the container's first process only (a launcher
+    # passes it on itself); the SIGKILL takes every process of the container.
+    child = "trap 'echo child got SIGTERM' TERM; while sleep 0.1; do :; done"
+    script = (f"sh -c \"{child}\" & trap 'echo got SIGTERM' TERM; echo started; "
+              "while true; do sleep 0.1; done")
     cluster.apply(pod_manifest("stubborn", ["sh", "-c", script], terminationGracePeriodSeconds=3))
     cluster.wait_phase("stubborn", {"Running"})
     wait_for(lambda: "started" in cluster.logs("stubborn"), "the container to start")
+    assert len(_pids_running(child)) >= 2  # the container's shell and its child
 
     started = time.monotonic()
     cluster.kubectl("delete", "pod", "stubborn", "--wait=false")
     terminating = cluster.pod("stubborn")
     assert terminating["metadata"]["deletionTimestamp"] and terminating["metadata"]["deletionGracePeriodSeconds"] == 3
     wait_for(lambda: "got SIGTERM" in cluster.logs("stubborn"), "SIGTERM to reach the container")
+    time.sleep(0.5)
+    assert "child got SIGTERM" not in cluster.logs("stubborn")
     wait_for(lambda: cluster.kubectl("get", "pod", "stubborn", check=False).returncode != 0,
              "the pod to be deleted for good")
     assert time.monotonic() - started >= 3.0
+    assert not _pids_running(child)
+
+
+def _pids_running(command_part: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and command_part.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 def test_deployment_runs_and_garbage_collection_removes_its_pods(cluster: Cluster) -> None:

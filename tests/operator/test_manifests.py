@@ -101,10 +101,14 @@ def test_headless_service_selects_the_job_workers() -> None:
     "workers, index, nnodes, nproc",
     [({"replicas": 2}, 1, 2, 1), ({"replicas": 4, "gpusPerWorker": 8}, 3, 4, 8), ({}, 0, 1, 1)],
 )
-def test_worker_command_is_torchrun_with_node_rank(workers: dict, index: int, nnodes: int, nproc: int) -> None:
+def test_worker_command_is_torchrun_with_node_rank_under_the_log_keeper(
+    workers: dict, index: int, nnodes: int, nproc: int,
+) -> None:
     spec = parse_spec(minimal_spec(workers=workers, training={"microBatchSize": 1, "globalBatchSize": 64}))
-    pod = build_worker_pod(JOB, spec, index, OperatorSettings())
-    assert _container(pod)["command"] == [
+    pod = build_worker_pod(JOB, spec, index, OperatorSettings(), attempt=3)
+    container = _container(pod)
+    assert container["command"] == [
+        "python", "-m", "kubetune.trainer.logkeeper", "--config", "/etc/kubetune/config.yaml", "--",
         "torchrun",
         f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc}",
@@ -116,6 +120,10 @@ def test_worker_command_is_torchrun_with_node_rank(workers: dict, index: int, nn
         "--config",
         "/etc/kubetune/config.yaml",
     ]
+    # The log keeper names the pod's log object by these two.
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["KUBETUNE_ATTEMPT"] == {"name": "KUBETUNE_ATTEMPT", "value": "3"}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 def test_worker_pod_identity_dns_and_restart_policy() -> None:
@@ -179,16 +187,20 @@ def test_no_credentials_env_without_a_secret() -> None:
     # token, Pod Identity, instance metadata) under spec.workers.serviceAccountName.
     spec = parse_spec(minimal_spec(workers={"serviceAccountName": "trainer"}))
     for pod in _every_pod(spec):
-        assert [item["name"] for item in _container(pod)["env"]] == ["POD_NAME", "POD_NAMESPACE", "OMP_NUM_THREADS"]
+        attempt = ["KUBETUNE_ATTEMPT"] * (pod["metadata"]["labels"]["app.kubernetes.io/component"] == "worker")
+        assert [item["name"] for item in _container(pod)["env"]] == ["POD_NAME", "POD_NAMESPACE", "OMP_NUM_THREADS",
+                                                                     *attempt]
         assert pod["spec"]["serviceAccountName"] == "trainer"
 
 
 def test_the_jobs_env_comes_after_kubetunes_so_it_can_refer_to_them() -> None:
     for pod in _every_pod(EVERYTHING):
         env = _container(pod)["env"]
-        assert [item["name"] for item in env] == [
-            "POD_NAME", "POD_NAMESPACE", "OMP_NUM_THREADS", "NCCL_DEBUG", "WHERE", "HF_TOKEN"]
-        assert env[3:] == [
+        own = ["POD_NAME", "POD_NAMESPACE", "OMP_NUM_THREADS"]
+        if pod["metadata"]["labels"]["app.kubernetes.io/component"] == "worker":
+            own.append("KUBETUNE_ATTEMPT")
+        assert [item["name"] for item in env] == [*own, "NCCL_DEBUG", "WHERE", "HF_TOKEN"]
+        assert env[len(own):] == [
             {"name": "NCCL_DEBUG", "value": "INFO"},
             {"name": "WHERE", "value": "$(POD_NAMESPACE)/$(POD_NAME)"},
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},

@@ -180,7 +180,7 @@ def test_quickstart_validates_runs_to_succeeded_and_is_cleaned_up(cluster: Clust
             True,
         )
     worker_1 = next(pod for pod in pods if pod["metadata"]["name"] == "quickstart-worker-1")
-    assert worker_1["spec"]["containers"][0]["command"][:4] == [
+    assert worker_1["spec"]["containers"][0]["command"][6:10] == [
         "torchrun",
         "--nnodes=2",
         "--nproc-per-node=1",

@@ -234,7 +234,8 @@ def test_a_failed_worker_restarts_the_whole_gang_after_a_back_off() -> None:
     assert events(outcome) == [("Warning", "Restarting")] and creates(outcome) == []
     assert status["lastFailure"] == {"attempt": 1, "reason": "WorkerFailed", "pod": "quickstart-worker-1",
                                      "exitCode": 1, "message": "pod quickstart-worker-1 failed with exit code 1: "
-                                     "RuntimeError: boom", "time": "2026-01-01T12:00:30Z"}
+                                     "RuntimeError: boom", "time": "2026-01-01T12:00:30Z",
+                                     "logUri": "s3://adapters/quickstart.logs/attempt-1/quickstart-worker-1.log"}
     assert status["nextAttemptTime"] == "2026-01-01T12:00:40Z"
     assert status["cost"]["attempts"] == [{"attempt": 1, "workerSeconds": 60, "gpuSeconds": 0}]
 

@@ -1,6 +1,6 @@
 """A worker pod deleted mid-training (suspend, gang restart, job deleted): the kubelet sends
-SIGTERM to torchrun only (the container's PID 1), torchrun sends it on to its workers and
-SIGKILLs them 30 s later. The trainer finishes the step, checkpoints it, waits until the
+SIGTERM to the container's PID 1 only, the log keeper (the worker pod's entrypoint) passes it
+to torchrun, torchrun sends it on to its workers and SIGKILLs them 30 s later. The trainer finishes the step, checkpoints it, waits until the
 checkpoint is COMPLETE in S3 and exits 143; the restarted job resumes from that step.
 
 torchrun, 2 CPU processes, DeepSpeed ZeRO-2, real S3 (moto), as in test_checkpoint_resume.
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from kubetune.api.logs import ATTEMPT_ENV, POD_NAME_ENV
 from test_checkpoint_resume import _checkpoint_folders, _config, _manifest
 from test_train_distributed import run_torchrun
 
@@ -28,13 +30,14 @@ TORCHRUN_SHUTDOWN_SECONDS = 30
 
 
 class Torchrun:
-    """torchrun in its own process group (killed on exit whatever happens), its output read
-    line by line so the test can act on a progress line."""
+    """torchrun under the log keeper, as in a worker pod, in its own process group (killed on
+    exit whatever happens), its output read line by line so the test can act on a progress line."""
 
     def __init__(self, config_path: Path, env: dict[str, str], master_port: int) -> None:
         torchrun = Path(sys.executable).with_name("torchrun")
         self.proc = subprocess.Popen(
-            [str(torchrun), "--nnodes=1", "--nproc-per-node=2", f"--master-port={master_port}",
+            [sys.executable, "-m", "kubetune.trainer.logkeeper", "--config", str(config_path), "--",
+             str(torchrun), "--nnodes=1", "--nproc-per-node=2", f"--master-port={master_port}",
              "-m", "kubetune.trainer", "--config", str(config_path)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -69,13 +72,14 @@ class Torchrun:
 
 
 def _sigterm_mid_training(config: dict, tmp_path: Path, s3_env: dict[str, str], port: int) -> tuple[str, dict, float]:
-    """Run ``config``, SIGTERM torchrun (only torchrun, as the kubelet does) once step 2 is
-    logged; (output, termination message, seconds from SIGTERM to torchrun's exit)."""
+    """Run ``config`` as worker pod 0 of attempt 1 would, SIGTERM its first process (only that
+    one, as the kubelet does) once step 2 is logged; (output, termination message, seconds from
+    SIGTERM to the end)."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "termination-log"
     env = {**s3_env, "KUBETUNE_WORKDIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1",
-           "KUBETUNE_TERMINATION_LOG": str(log)}
+           "KUBETUNE_TERMINATION_LOG": str(log), POD_NAME_ENV: f"{config['job']['name']}-worker-0", ATTEMPT_ENV: "1"}
     with Torchrun(path, env, port) as run:
         run.wait_for("kubetune.trainer: step=2/12", timeout=400)
         signalled = time.monotonic()
@@ -120,8 +124,11 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_a_restart_resumes_from_i
         "error": f"stopped on SIGTERM at step {step} with a checkpoint (s3://ckpt/{name}/step-{step}/): "
                  "a restart resumes from it"}
     assert "manifest.json" not in str(s3_client.list_objects_v2(Bucket="adapters", Prefix=f"{name}/"))
+    # 3. The pod's whole log, up to its last line, is kept beside the checkpoints.
+    kept = s3_client.get_object(Bucket="ckpt", Key=f"{name}.logs/attempt-1/{name}-worker-0.log")["Body"].read().decode()
+    assert "step=1/12" in kept and stopped.group(0) in kept, kept
 
-    # 3. The restarted job resumes from exactly that step and finishes.
+    # 4. The restarted job resumes from exactly that step and finishes.
     path = tmp_path / "again.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**s3_env, "KUBETUNE_WORKDIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}

@@ -206,12 +206,15 @@ LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 GPU_RESOURCE = "nvidia.com/gpu"
 DnsName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
 
+POD_NAME_ENV = "POD_NAME"
+ATTEMPT_ENV = "KUBETUNE_ATTEMPT"
 WORKER_ENV_OWNED = {
-    "POD_NAME": "the pod's name, from the downward API; refer to it as $(POD_NAME) in a value instead",
+    POD_NAME_ENV: "the pod's name, from the downward API; refer to it as $(POD_NAME) in a value instead",
     "POD_NAMESPACE": "the pod's namespace, from the downward API; refer to it as $(POD_NAMESPACE) in a value instead",
     "OMP_NUM_THREADS": "the pod's CPUs divided by its training processes; set the cpu of spec.workers.resources instead",
+    ATTEMPT_ENV: "which start of the gang a worker belongs to (status.launched.attempt); it names the worker's log in S3",
 }
-"""Environment variables kubetune sets in every trainer container, with what it sets and what to
+"""Environment variables kubetune sets in the trainer containers (KUBETUNE_ATTEMPT in workers only), with what it sets and what to
 do instead. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are kubetune's only while
 spec.storage.credentialsSecret is set (a rule on the whole spec)."""
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -318,7 +321,7 @@ class EnvVar(ApiModel):
     """Name of the variable."""
     value: str | None = None
     """Its value; $(NAME) refers to a variable defined earlier in the list (kubetune's own,
-    POD_NAME, POD_NAMESPACE and OMP_NUM_THREADS, come first)."""
+    POD_NAME, POD_NAMESPACE, OMP_NUM_THREADS and KUBETUNE_ATTEMPT, come first)."""
     value_from: EnvVarSource | None = None
     """Where its value comes from instead of value."""
 
@@ -386,7 +389,7 @@ class Workers(ApiModel):
     env: tuple[EnvVar, ...] | None = Field(None, max_length=128)
     """Extra environment variables of the trainer (for example NCCL_DEBUG, HF_HUB_OFFLINE,
     KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS), after kubetune's own. The names kubetune sets are
-    refused: POD_NAME, POD_NAMESPACE, OMP_NUM_THREADS, and AWS_ACCESS_KEY_ID and
+    refused: POD_NAME, POD_NAMESPACE, OMP_NUM_THREADS, KUBETUNE_ATTEMPT, and AWS_ACCESS_KEY_ID and
     AWS_SECRET_ACCESS_KEY while storage.credentialsSecret is set. The preflight pod gets them too."""
     env_from: tuple[EnvFromSource, ...] | None = Field(None, max_length=32)
     """ConfigMaps and Secrets whose keys all become environment variables of the trainer (and of

@@ -116,6 +116,9 @@ class Launched(ApiModel):
     """Which start of the job's gang this is (1 = the first); each restart or resume adds one."""
     adapter_uri: str | None = None
     """Where the adapter is published."""
+    logs_uri: str | None = None
+    """S3 folder where this attempt's workers keep their whole logs, one <pod>.log each
+    (kubetune.api.logs); they stay after the pods are gone."""
     created_time: Timestamp | None = None
     """When this attempt's workers were created."""
     running_time: Timestamp | None = None
@@ -137,6 +140,8 @@ class Failure(ApiModel):
     """The signal that ended the process, when one did (SIGKILL, SIGSEGV, ...)."""
     message: str | None = None
     """The trainer's last error, or the pod's own reason and message."""
+    log_uri: str | None = None
+    """S3 object with that worker's whole log of the attempt (its pod may be gone)."""
     time: Timestamp | None = None
     """When the operator saw it."""
 

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from kubetune.api import metrics
+from kubetune.api.logs import ATTEMPT_ENV, POD_NAME_ENV
 from kubetune.api.resource import API_VERSION, KIND
 from kubetune.api.spec import CREDENTIAL_ENV, DEFAULT_TRAINER_IMAGE, GPU_RESOURCE, FineTuneJobSpec
 from kubetune.api.trainer_config import CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, JobRef, TrainerConfig
@@ -141,7 +142,10 @@ def build_service(job: JobRef) -> dict[str, Any]:
 
 
 def trainer_command(job_name: str, spec: FineTuneJobSpec, index: int) -> list[str]:
+    """torchrun under the log keeper, which passes its output and signals through and keeps the
+    whole log in S3 (kubetune.api.logs), so a job whose pods are gone still explains itself."""
     return [
+        "python", "-m", "kubetune.trainer.logkeeper", "--config", CONFIG_PATH, "--",
         "torchrun",
         f"--nnodes={spec.workers.replicas}",
         f"--nproc-per-node={spec.workers.processes_per_worker}",
@@ -197,7 +201,7 @@ def omp_threads(spec: FineTuneJobSpec) -> int:
     return max(1, math.floor(cores / spec.workers.processes_per_worker))
 
 
-def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def _env(spec: FineTuneJobSpec, attempt: int | None = None) -> list[dict[str, Any]]:
     """kubetune's variables, then the job's own (spec.workers.env, which may not redefine
     kubetune's, and may refer to them as $(NAME) because they come first)."""
     env: list[dict[str, Any]] = []
@@ -208,10 +212,12 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         # token of an IRSA service account, Pod Identity, instance metadata, spec.workers.env).
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in CREDENTIAL_KEYS]
     env += [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "OMP_NUM_THREADS", "value": str(omp_threads(spec))},
     ]
+    if attempt is not None:
+        env.append({"name": ATTEMPT_ENV, "value": str(attempt)})
     env += [_as_dict(variable) for variable in spec.workers.env or ()]
     return env
 
@@ -229,13 +235,14 @@ PREFLIGHT_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits":
 """The preflight pod parses the dataset and the tokenizer on a CPU; it never holds a GPU."""
 
 
-def _trainer_container(spec: FineTuneJobSpec, settings: OperatorSettings, command: list[str]) -> dict[str, Any]:
+def _trainer_container(spec: FineTuneJobSpec, settings: OperatorSettings, command: list[str],
+                       attempt: int | None = None) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": trainer_image(spec, settings),
         "imagePullPolicy": "IfNotPresent",
         "command": command,
-        "env": _env(spec),
+        "env": _env(spec, attempt),
         # The trainer writes its outcome (final loss, or the one-line error) to the default
         # /dev/termination-log; a crash that wrote nothing still explains itself by its log tail.
         "terminationMessagePath": "/dev/termination-log",
@@ -338,7 +345,7 @@ def _kueue_metadata(job: JobRef, spec: FineTuneJobSpec, attempt: int) -> tuple[d
 def build_worker_pod(job: JobRef, spec: FineTuneJobSpec, index: int, settings: OperatorSettings,
                      attempt: int = 1) -> dict[str, Any]:
     name = pod_name(job.name, index)
-    container = _trainer_container(spec, settings, trainer_command(job.name, spec, index))
+    container = _trainer_container(spec, settings, trainer_command(job.name, spec, index), attempt)
     container["ports"] = [
         {"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
         {"name": metrics.METRICS_PORT_NAME, "containerPort": settings.trainer_metrics_port, "protocol": "TCP"},

@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from kubetune.api import FINAL_PHASES, InvalidObjectError, JobRef, check_job_name, parse_spec
+from kubetune.api.logs import attempt_logs_uri, worker_log_uri
 from kubetune.api.spec import FineTuneJobSpec, RunPolicy
 from kubetune.api.status import Phase
 from kubetune.operator.manifests import (
@@ -219,6 +220,7 @@ class _Pass:
             "configHash": config_hash(self.job.ref, spec, self.settings),
             "attempt": attempt,
             "adapterUri": spec.output.adapter_uri,
+            "logsUri": attempt_logs_uri(spec.output, attempt),
             "createdTime": format_time(self.now),
         }
         children = [build_config_map(self.job.ref, spec, self.settings),
@@ -315,7 +317,7 @@ class _Pass:
         return self._status(
             "Restarting", message, reason=report.reason,
             actions=(*self._log_tails(), *self._delete_workers()), event=("Warning", "Restarting", message),
-            restarts=restarts + 1, lastFailure=report.record(name, self.attempt, format_time(self.now)),
+            restarts=restarts + 1, lastFailure=self._record(report, name),
             nextAttemptTime=format_time(self.now + timedelta(seconds=delay)), cost=self._cost_with_attempt(),
             workers=self._counts(),
         )
@@ -361,7 +363,7 @@ class _Pass:
              actions: tuple[Action, ...] = ()) -> Outcome:
         fields: dict[str, Any] = {}
         if report is not None:
-            fields["lastFailure"] = report.record(pod, self.attempt, format_time(self.now))
+            fields["lastFailure"] = self._record(report, pod)
         if self.launched and self.previous.get("phase") not in ("Restarting", "Suspended"):
             fields["cost"] = self._cost_with_attempt()
         if self.launched:
@@ -389,6 +391,14 @@ class _Pass:
             kind, why, text = event or ("Normal", phase, message)
             posted = (Event(kind, why, text),)
         return Outcome(status if changed else None, (*actions, *posted), blocked=blocked)
+
+    def _record(self, report: FailureReport, pod: str | None) -> dict[str, Any]:
+        """status.lastFailure, with where the failed worker's whole log is kept."""
+        record = report.record(pod, self.attempt, format_time(self.now))
+        logs = self.launched.get("logsUri")  # set at launch, after the preflight pod's time
+        if logs and pod:
+            record["logUri"] = worker_log_uri(logs, pod)
+        return record
 
     def _keep_message(self, detail: str) -> str:
         """While Restarting, the message keeps why, and says what it waits for now."""

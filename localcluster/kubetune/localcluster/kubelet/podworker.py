@@ -4,8 +4,10 @@ What a kubelet does, for containers that are local processes:
 * init containers run one after another, then every container at once, each restarted by the
   pod's ``restartPolicy`` (CrashLoopBackOff from 1 s doubling to 60 s, the shorter back-off of
   KEP-4603, instead of 10 s to 5 min);
-* deletion is graceful: SIGTERM to every container, SIGKILL after the grace period, the final
-  status (Succeeded or Failed) reported, then the node agent deletes the pod for good;
+* deletion is graceful: SIGTERM to every container's main process (PID 1 in a container: a
+  process it started must be told by it), SIGKILL to all of the container's processes after the
+  grace period, the final status (Succeeded or Failed) reported, then the node agent deletes
+  the pod for good;
 * stdout and stderr go to CRI-format log files (``containerlogs``), one per container start;
 * termination messages: a per-container file bind-mounted at ``terminationMessagePath``;
   without mount namespaces its path is passed in ``$KUBETUNE_TERMINATION_LOG`` instead;
@@ -504,7 +506,7 @@ class PodWorker:
                 log.warning("pod %s/%s: status update failed: %s", self.namespace, self.name, err)
 
     async def stop(self, grace: float, report: bool) -> None:
-        """Stop the pod: SIGTERM every container, SIGKILL after ``grace`` seconds, report the
+        """Stop the pod: SIGTERM every container's main process, SIGKILL after ``grace`` seconds, report the
         final status (``report``: the pod still exists in the API), free what it held."""
         self.stopping = True
         self._stop_requested.set()
@@ -512,7 +514,9 @@ class PodWorker:
         for name, process in running.items():
             if process.returncode is None:
                 self.node.event(self.pod, "Normal", "Killing", f"Stopping container {name}")
-                _signal_group(process.pid, signal.SIGTERM)
+                # As a container runtime does: to the main process only, so a launcher
+                # (torchrun, a shell) passes it on once, as it would in any cluster.
+                _signal_process(process.pid, signal.SIGTERM)
         if running:
             waits = [asyncio.create_task(p.wait()) for p in running.values()]
             _, late = await asyncio.wait(waits, timeout=grace)
@@ -550,6 +554,13 @@ class PodWorker:
             net, self.net = self.net, None
             await asyncio.to_thread(self.node.network.remove_pod, net)
             self.node.dns_changed()
+
+
+def _signal_process(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:
