@@ -107,8 +107,8 @@ def test_a_log_that_cannot_be_kept_never_fails_the_worker(
 
     assert (run.returncode, stdout) == (0, "trained\n")
     (warning,) = stderr.splitlines()
-    assert warning.startswith("kubetune-logkeeper: cannot keep this pod's log at "
-                              "s3://no-such-bucket/keeper.logs/attempt-1/keeper-worker-0.log: "), warning
+    assert warning.startswith("kubetune-logkeeper: this pod's log is not kept in S3: "
+                              "s3://no-such-bucket/keeper.logs/attempt-1/keeper-worker-0.log"), warning
     assert time.monotonic() - started < 30
 
 

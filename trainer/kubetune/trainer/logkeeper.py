@@ -39,16 +39,16 @@ if TYPE_CHECKING:
 UPLOAD_EVERY_SECONDS = 30.0
 """How much of the log a worker that is killed outright (SIGKILL, a lost node) may lose."""
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DRAIN_SECONDS = 5.0
 PARTIAL_LINE_LIMIT = 1 << 16
 """A line longer than this goes to the file in pieces rather than waiting for its end."""
 
 
 class LogKeeper:
-    """Copies the output of one process to a file and keeps that file's newest copy at ``uri``."""
+    """Copies the output of one process to a file and keeps that file's newest copy by ``upload``."""
 
-    def __init__(self, upload: Callable[[Path], None] | None, uri: str | None) -> None:
+    def __init__(self, upload: Callable[[Path], None] | None) -> None:
         self.upload = upload
-        self.uri = uri
         self._file = tempfile.NamedTemporaryFile(prefix="kubetune-worker-", suffix=".log", delete=False)
         self.path = Path(self._file.name)
         self._lock = threading.Lock()
@@ -67,8 +67,10 @@ class LogKeeper:
             thread.start()
         try:
             code = child.wait()
+            # A process the command left behind may hold its pipes open: the container ends with
+            # this process anyway, so its output is read for a moment, not waited for.
             for pump in pumps:
-                pump.join()
+                pump.join(timeout=DRAIN_SECONDS)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -117,26 +119,32 @@ class LogKeeper:
         except Exception as error:  # the log is a courtesy: it never fails the worker
             if not self._warned:
                 self._warned = True
-                print(f"kubetune-logkeeper: cannot keep this pod's log at {self.uri}: {error}",
-                      file=sys.stderr, flush=True)
+                print(f"kubetune-logkeeper: this pod's log is not kept in S3: {error}", file=sys.stderr, flush=True)
             return
         self._uploaded_size = size
 
 
-def _uploader(config_path: str) -> tuple[Callable[[Path], None] | None, str | None]:
-    """How to upload this pod's log, and where; (None, None) when it cannot be kept."""
+def _uploader(config_path: str) -> Callable[[Path], None] | None:
+    """How to upload this pod's log to its worker_log_uri; None when it cannot be kept."""
     pod, attempt = os.environ.get(POD_NAME_ENV), os.environ.get(ATTEMPT_ENV)
     if not pod or not attempt or not attempt.isdigit():
-        return None, None
+        return None
     try:
         config = load_config(config_path)
     except InvalidObjectError:
-        return None, None  # the trainer says what is wrong with it
-    from kubetune.trainer.s3 import make_client, upload_file
-
+        return None  # the trainer says what is wrong with it
     uri = worker_log_uri(attempt_logs_uri(config.output, int(attempt)), pod)
-    client = make_client(config.storage)
-    return (lambda path: upload_file(client, path, uri)), uri
+    clients: list = []
+
+    def upload(path: Path) -> None:
+        # boto3 is imported by the first upload, off the path of the command's start.
+        from kubetune.trainer.s3 import make_client, upload_file
+
+        if not clients:
+            clients.append(make_client(config.storage))
+        upload_file(clients[0], path, uri)
+
+    return upload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given: add -- torchrun ...")
-    upload, uri = _uploader(args.config)
-    return LogKeeper(upload, uri).run(command)
+    return LogKeeper(_uploader(args.config)).run(command)
 
 
 if __name__ == "__main__":
