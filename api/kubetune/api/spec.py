@@ -214,9 +214,9 @@ WORKER_ENV_OWNED = {
     "OMP_NUM_THREADS": "the pod's CPUs divided by its training processes; set the cpu of spec.workers.resources instead",
     ATTEMPT_ENV: "which start of the gang a worker belongs to (status.launched.attempt); it names the worker's log in S3",
 }
-"""Environment variables kubetune sets in the trainer containers (KUBETUNE_ATTEMPT in workers only), with what it sets and what to
-do instead. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are kubetune's only while
-spec.storage.credentialsSecret is set (a rule on the whole spec)."""
+"""Environment variables kubetune sets in the trainer containers (KUBETUNE_ATTEMPT in the workers
+only), with what it sets and what to do instead. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are
+kubetune's only while spec.storage.credentialsSecret is set (a rule on the whole spec)."""
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
