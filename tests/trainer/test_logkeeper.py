@@ -91,7 +91,8 @@ def test_sigterm_is_passed_on_once_and_the_log_written_after_it_is_kept(
 def test_a_command_killed_by_a_signal_exits_as_a_container_would(
     tmp_path: Path, moto_endpoint: str, s3_env: dict[str, str],
 ) -> None:
-    run = _keep(_config(tmp_path, moto_endpoint), "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", s3_env)
+    env = {**s3_env, POD_NAME_ENV: "keeper-worker-0", ATTEMPT_ENV: "1"}
+    run = _keep(_config(tmp_path, moto_endpoint), "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", env)
     run.communicate(timeout=60)
     assert run.returncode == 128 + signal.SIGKILL
 
@@ -112,7 +113,7 @@ def test_a_log_that_cannot_be_kept_never_fails_the_worker(
     assert time.monotonic() - started < 30
 
 
-def test_run_by_hand_it_only_passes_the_output_through(tmp_path: Path, moto_endpoint: str,
+def test_run_by_hand_it_is_the_command_itself(tmp_path: Path, moto_endpoint: str,
                                                        s3_env: dict[str, str]) -> None:
     env = {key: value for key, value in s3_env.items() if key not in (POD_NAME_ENV, ATTEMPT_ENV)}
     run = _keep(tmp_path / "missing.yaml", "print('hello')", env)

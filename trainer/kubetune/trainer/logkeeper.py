@@ -13,8 +13,8 @@ signals only that process) and passes it on to the command once; it exits with t
 exit code (128+N for a signal N), as if the command were the container's process.
 
 Keeping the log never fails a worker: without ``POD_NAME`` and ``KUBETUNE_ATTEMPT`` (a run by
-hand) or a config it can read, it only passes the output through; an upload that fails is said
-once on stderr and retried at the next interval.
+hand) or a config it can read, it becomes the command (exec); an upload that fails is said once
+on stderr and retried at the next interval.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ PARTIAL_LINE_LIMIT = 1 << 16
 class LogKeeper:
     """Copies the output of one process to a file and keeps that file's newest copy by ``upload``."""
 
-    def __init__(self, upload: Callable[[Path], None] | None) -> None:
+    def __init__(self, upload: Callable[[Path], None]) -> None:
         self.upload = upload
         self._file = tempfile.NamedTemporaryFile(prefix="kubetune-worker-", suffix=".log", delete=False)
         self.path = Path(self._file.name)
@@ -108,8 +108,6 @@ class LogKeeper:
 
     def keep(self) -> None:
         """Upload the log if it grew since the last upload."""
-        if self.upload is None:
-            return
         with self._lock:
             size = self._file.tell()
         if size == self._uploaded_size:
@@ -159,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given: add -- torchrun ...")
-    return LogKeeper(_uploader(args.config)).run(command)
+    upload = _uploader(args.config)
+    if upload is None:  # nothing to keep: no copy, no signal relay, the command as it is
+        os.execvp(command[0], command)
+    return LogKeeper(upload).run(command)
 
 
 if __name__ == "__main__":
