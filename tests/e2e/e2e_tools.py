@@ -71,6 +71,43 @@ def signal_rank(job_name: str, node_rank: int, sig: signal.Signals, timeout: flo
     return pid
 
 
+def hold_ranks(job_name: str, workers: int = 2) -> list[int]:
+    """SIGSTOP every training process of the job: it stays mid-run, however fast this machine
+    trains, until :func:`release_on_sigterm` lets it go."""
+    pids = [pid for rank in range(workers) for pid in rank_pids(job_name, rank)]
+    assert pids, f"no training process of {job_name}"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def _sigterm_pending(pid: int) -> bool:
+    """SIGTERM waits in the process's signal queue (a stopped process takes it when continued)."""
+    try:
+        status = (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return True  # gone: nothing more will reach it
+    pending = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            pending |= int(line.split()[1], 16)
+    return bool(pending & (1 << (signal.SIGTERM - 1)))
+
+
+def release_on_sigterm(held: list[int], watched: list[int], timeout: float = 60) -> None:
+    """Once each of ``watched`` has its SIGTERM waiting, SIGCONT every process of ``held``: they
+    stop at the step they were held at, not at one they reached racing the signal."""
+    try:
+        wait_for(lambda: all(_sigterm_pending(pid) for pid in watched), "SIGTERM reaching the held ranks",
+                 timeout, every=0.1)
+    finally:
+        for pid in held:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 300, every: float = 0.3) -> Any:
     deadline = time.monotonic() + timeout
     while True:

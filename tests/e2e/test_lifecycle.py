@@ -14,8 +14,8 @@ import time
 
 import pytest
 from e2e_tools import (
-    complete_checkpoints, manifest, pids_of_job, pods_of, rank_pids, signal_rank, status_of, wait_for,
-    wait_for_phase, wait_for_step,
+    complete_checkpoints, hold_ranks, manifest, pids_of_job, pods_of, rank_pids, release_on_sigterm, signal_rank,
+    status_of, wait_for, wait_for_phase, wait_for_step,
 )
 
 from kubetune.cli.demo import follow_job
@@ -111,7 +111,9 @@ def test_kubectl_delete_pod_of_a_worker_restarts_the_gang(stack):
     kubectl = stack.kubectl
     kubectl.run("apply", "-f", "-", input=long_job("deleted-pod"))
     wait_for_step(kubectl, "deleted-pod")
+    held = hold_ranks("deleted-pod")  # mid-run until the deletion's SIGTERM has reached worker 1
     kubectl.run("delete", "pod", "deleted-pod-worker-1", "--wait=false")
+    release_on_sigterm(held, watched=rank_pids("deleted-pod", 1))
 
     restarting = wait_for_phase(kubectl, "deleted-pod", "Restarting", timeout=120)
     assert restarting["lastFailure"]["pod"] == "deleted-pod-worker-1"
@@ -199,7 +201,9 @@ def test_suspend_and_resume_continue_from_the_checkpoint(stack, uninterrupted):
     kubectl = stack.kubectl
     kubectl.run("apply", "-f", "-", input=long_job("paused"))
     after_a_checkpoint(stack, "paused")
+    held = hold_ranks("paused")  # an idle machine trains the 80 steps in seconds: suspend lands mid-run
     kubectl.run("patch", "ftj", "paused", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    release_on_sigterm(held, watched=held)
     wait_for_phase(kubectl, "paused", "Suspended", timeout=60)
     wait_for(lambda: not pods_of(kubectl, "paused") and not rank_pids("paused", 0), "paused's workers gone",
              timeout=WORKER_GRACE_SECONDS + 30)
