@@ -211,6 +211,26 @@ def test_a_child_the_api_refuses_fails_the_job_without_retrying(kube: FakeKube) 
     assert [pod["metadata"]["name"] for pod in kube.pods()] == ["quickstart-preflight"]  # no worker after it
 
 
+def test_a_permission_the_operator_lacks_is_reported_and_waited_for_not_failed(kube: FakeKube) -> None:
+    memo = memo_for(kube)
+    forbidden = ('pods "quickstart-preflight" is forbidden: User "system:serviceaccount:kubetune-system:kubetune" '
+                 'cannot create resource "pods" in API group "" in the namespace "default"')
+    kube.refuse["Pod"] = (403, forbidden)
+    for _ in range(3):
+        with pytest.raises(kopf.TemporaryError, match="the operator may not create Pod quickstart-preflight"):
+            sync(memo, "create", retry=True)
+        sync(memo, "tick")  # the timer retries as well, quietly
+    status = kube.job["status"]
+    assert status["phase"] == "Validating" and forbidden in status["message"]
+    assert "grant its service account this permission" in status["message"]
+    assert [event[:2] for event in kube.events].count(("Warning", "Forbidden")) == 1  # told once, not per retry
+
+    del kube.refuse["Pod"]  # the permission is granted: the job goes on by itself
+    sync(memo, "tick")
+    assert [pod["metadata"]["name"] for pod in kube.pods()] == ["quickstart-preflight"]
+    assert "forbidden" not in kube.job["status"]["message"]
+
+
 def test_an_unwell_api_is_raised_for_kopf_to_retry_and_counted(kube: FakeKube) -> None:
     memo = memo_for(kube)
     kube.refuse["ConfigMap"] = (500, "etcdserver: request timed out")

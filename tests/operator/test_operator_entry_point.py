@@ -9,10 +9,10 @@ from kubetune.operator import main as entry
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], {"namespace": None, "standalone": True, "liveness_port": None, "metrics_port": None}),
+        ([], {"namespace": None, "peering": None, "liveness_port": None, "metrics_port": None}),
         (
-            ["-n", "ml", "--peering", "--liveness-port", "8080", "--metrics-port", "0"],
-            {"namespace": "ml", "standalone": False, "liveness_port": 8080, "metrics_port": 0},
+            ["-n", "ml", "--peering", "kubetune", "--liveness-port", "8080", "--metrics-port", "0"],
+            {"namespace": "ml", "peering": "kubetune", "liveness_port": 8080, "metrics_port": 0},
         ),
     ],
 )
@@ -34,7 +34,7 @@ def test_run_watches_the_given_namespace_or_all(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("KUBETUNE_NAMESPACE", "from-env")
     monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
     entry.run()
-    entry.run(namespace="ml", standalone=False)
+    entry.run(namespace="ml", peering="kubetune")
     monkeypatch.setenv("KUBETUNE_NAMESPACE", "")
     entry.run()
     assert [(call["clusterwide"], list(call["namespaces"]), call["standalone"]) for call in seen] == [
@@ -42,6 +42,7 @@ def test_run_watches_the_given_namespace_or_all(monkeypatch: pytest.MonkeyPatch)
         (False, ["ml"], False),
         (True, [], True),
     ]
+    assert seen[1]["peering_name"] == "kubetune" and "peering_name" not in seen[0]
     # The handlers get their settings through kopf's memo, not a module global.
     assert [call["memo"].settings.namespace for call in seen] == ["from-env", "ml", None]
 
@@ -86,3 +87,16 @@ def test_a_taken_metrics_port_exits_with_one_clear_line(
         port = taken.getsockname()[1]
         assert entry.main(parser.parse_args(["--metrics-port", str(port)])) == 2
     assert f"cannot serve metrics on port {port}" in capsys.readouterr().err
+
+
+def test_the_oldest_replica_has_the_highest_peering_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf pauses an operator that sees a peer of higher priority: the replica started first
+    keeps acting while later ones stand by."""
+    import kopf
+
+    seen: list[dict] = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: seen.append(kwargs))
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
+    entry.run(peering="kubetune")
+    entry.run(peering="kubetune")
+    assert seen[0]["priority"] > seen[1]["priority"]

@@ -17,17 +17,43 @@ def _sample(metrics: OperatorMetrics, name: str, **labels: str) -> float | None:
 def test_jobs_by_phase_follow_each_job_until_it_is_gone() -> None:
     metrics = OperatorMetrics()
     assert _sample(metrics, "kubetune_operator_jobs", phase="Running") == 0  # every phase exported from the start
-    metrics.job_seen("default", "a", None)
-    metrics.job_seen("default", "b", "Running")
-    metrics.job_seen("ml", "a", "Running")
+    metrics.job_seen("default", "a", {})
+    metrics.job_seen("default", "b", {"phase": "Running"})
+    metrics.job_seen("ml", "a", {"phase": "Running"})
     assert _sample(metrics, "kubetune_operator_jobs", phase="Pending") == 1
     assert _sample(metrics, "kubetune_operator_jobs", phase="Running") == 2
 
-    metrics.job_seen("default", "b", "Succeeded")  # a job moves, it is not counted twice
+    metrics.job_seen("default", "b", {"phase": "Succeeded"})  # a job moves, it is not counted twice
     metrics.job_gone("ml", "a")
     metrics.job_gone("ml", "never-seen")
     assert [_sample(metrics, "kubetune_operator_jobs", phase=p) for p in ("Pending", "Running", "Succeeded")] == [
         1, 0, 1]
+
+
+def test_each_job_has_its_phase_restarts_and_last_step_until_it_is_gone() -> None:
+    metrics = OperatorMetrics()
+    job = {"namespace": "ml", "finetunejob": "a"}
+    metrics.job_seen("ml", "a", {"phase": "Running", "progress": {"step": 3, "stepTime": "2026-12-01T10:00:00.5Z"}})
+    assert _sample(metrics, "kubetune_job_phase", **job, phase="Running") == 1
+    assert _sample(metrics, "kubetune_job_restarts", **job) == 0
+    assert _sample(metrics, "kubetune_job_last_step_timestamp_seconds", **job) == 1796119200.5
+
+    metrics.job_seen("ml", "a", {"phase": "Restarting", "restarts": 1, "progress": {"step": 3}})
+    assert _sample(metrics, "kubetune_job_phase", **job, phase="Running") is None  # one phase at a time
+    assert _sample(metrics, "kubetune_job_phase", **job, phase="Restarting") == 1
+    assert _sample(metrics, "kubetune_job_restarts", **job) == 1
+
+    metrics.job_gone("ml", "a")
+    text = generate_latest(metrics.registry).decode()
+    assert 'finetunejob="a"' not in text
+
+
+def test_handler_runs_are_timed_by_handler() -> None:
+    metrics = OperatorMetrics()
+    metrics.reconcile_seconds.labels(handler="tick").observe(0.03)
+    assert _sample(metrics, "kubetune_operator_reconcile_duration_seconds_count", handler="tick") == 1
+    assert _sample(metrics, "kubetune_operator_reconcile_duration_seconds_bucket", handler="tick", le="0.05") == 1
+    assert _sample(metrics, "kubetune_operator_reconcile_duration_seconds_bucket", handler="tick", le="0.025") == 0
 
 
 def test_counters_are_exported_with_their_totals() -> None:

@@ -13,6 +13,7 @@ def test_defaults_without_environment() -> None:
         trainer_metrics_port=9400,
         liveness_port=None,
         metrics_port=8080,
+        restart_backoff_seconds=10,
     )
 
 
@@ -25,6 +26,7 @@ def test_values_from_environment() -> None:
             "KUBETUNE_TRAINER_METRICS_PORT": "9500",
             "KUBETUNE_LIVENESS_PORT": "8080",
             "KUBETUNE_METRICS_PORT": "9090",
+            "KUBETUNE_RESTART_BACKOFF_SECONDS": "30",
         }
     )
     assert settings.s3_endpoint == "http://s3.kubetune-system.svc.cluster.local:9000"
@@ -33,6 +35,7 @@ def test_values_from_environment() -> None:
     assert settings.trainer_metrics_port == 9500
     assert settings.liveness_port == 8080
     assert settings.metrics_port == 9090
+    assert settings.restart_backoff_seconds == 30
 
 
 def test_metrics_port_0_turns_the_operator_metrics_off() -> None:
@@ -49,3 +52,9 @@ def test_empty_namespace_means_all_namespaces() -> None:
 def test_bad_port_names_the_variable(value: str) -> None:
     with pytest.raises(SettingsError, match="KUBETUNE_LIVENESS_PORT"):
         OperatorSettings.from_env({"KUBETUNE_LIVENESS_PORT": value})
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "3601"])
+def test_a_bad_restart_backoff_names_the_variable_and_the_range(value: str) -> None:
+    with pytest.raises(SettingsError, match=r"KUBETUNE_RESTART_BACKOFF_SECONDS=.* set it to 0..3600"):
+        OperatorSettings.from_env({"KUBETUNE_RESTART_BACKOFF_SECONDS": value})

@@ -4,6 +4,8 @@ drives a job through the passes a running operator makes, with pods as the API s
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 from datetime import UTC, datetime, timedelta
@@ -261,6 +263,15 @@ def test_the_back_off_doubles_and_is_capped(restarts: int, delay: int) -> None:
     status = {**running(run_policy={"backoffLimit": 10}), "restarts": restarts}
     _, status = step(status, [pod(0, "Failed", exit_code=1), pod(1, "Running")], run_policy={"backoffLimit": 10})
     assert status["nextAttemptTime"] == (T0 + timedelta(seconds=delay)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_the_platform_sets_the_first_back_off() -> None:
+    status = running(run_policy={"backoffLimit": 10})
+    settings = dataclasses.replace(SETTINGS, restart_backoff_seconds=3)
+    outcome = reconcile(job(status, run_policy={"backoffLimit": 10}),
+                        [pod(0, "Failed", exit_code=1), pod(1, "Running")], settings, T0)
+    assert outcome.status["nextAttemptTime"] == (T0 + timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "restarting all 2 workers in 3s" in outcome.status["message"]
 
 
 def test_the_backoff_limit_ends_the_job_with_the_last_reason() -> None:

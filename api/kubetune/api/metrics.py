@@ -1,6 +1,10 @@
-"""Names of the Prometheus series rank 0 serves: the trainer exports them, the operator reads
-some of them into ``status.progress``, dashboards and alerts query them. One list, so that
-renaming one on either side breaks a test instead of a dashboard."""
+"""Names of the Prometheus series kubetune exports: those rank 0 serves (the trainer exports
+them, the operator reads some of them into ``status.progress``) and the operator's own. The
+chart's dashboard and alert rules query them. One list, so that renaming one on any side breaks
+a test instead of a dashboard.
+
+Counters are named without ``_total``: prometheus-client adds it to the series it exports.
+"""
 
 from __future__ import annotations
 
@@ -18,3 +22,27 @@ CHECKPOINT_UPLOAD_SECONDS = "kubetune_train_checkpoint_upload_seconds"
 GPU_MAX_MEMORY_ALLOCATED_BYTES = "kubetune_train_gpu_max_memory_allocated_bytes"
 METRICS_PORT_NAME = "metrics"
 """The worker container's port that serves them (rank 0 only)."""
+
+# -- the operator's /metrics (the chart's metrics Service) -------------------------------------
+OPERATOR_JOBS = "kubetune_operator_jobs"
+"""Gauge: FineTuneJobs the operator sees, by ``phase``."""
+OPERATOR_RECONCILES = "kubetune_operator_reconciles"
+"""Counter: handler runs, by ``handler``."""
+OPERATOR_RECONCILE_ERRORS = "kubetune_operator_reconcile_errors"
+"""Counter: handler runs that raised (an API error, a permission missing), by ``handler``."""
+OPERATOR_RECONCILE_SECONDS = "kubetune_operator_reconcile_duration_seconds"
+"""Histogram: how long one handler run took (read the job, decide, carry out), by ``handler``."""
+OPERATOR_PODS_CREATED = "kubetune_operator_pods_created"
+"""Counter: worker and preflight pods created."""
+OPERATOR_SCRAPE_FAILURES = "kubetune_operator_progress_scrape_failures"
+"""Counter: failed reads of a rank 0 /metrics endpoint."""
+
+# Per job, from its status (labels ``namespace`` and JOB_LABEL): what alerts are about.
+JOB_LABEL = "finetunejob"
+"""The label naming the job: ``job`` is Prometheus' own (the scrape job)."""
+JOB_PHASE = "kubetune_job_phase"
+"""Gauge: 1 for the job's current ``phase``; the series of the other phases are absent."""
+JOB_RESTARTS = "kubetune_job_restarts"
+"""Gauge: ``status.restarts``, gang restarts so far."""
+JOB_LAST_STEP_TIMESTAMP = "kubetune_job_last_step_timestamp_seconds"
+"""Gauge: when the operator last saw the job's step move (``status.progress.stepTime``)."""

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +39,7 @@ from kubetune.operator.manifests import (
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.progress import MetricsParseError, derive_progress, metrics_url
 from kubetune.operator.reconcile import (
-    Create, Delete, DeleteJob, Event, Job, LogTail, Outcome, creation_failed, ours, reconcile, waiting,
+    Create, Delete, DeleteJob, Event, Job, LogTail, Outcome, creation_failed, forbidden, ours, reconcile, waiting,
 )
 from kubetune.operator.settings import OperatorSettings
 
@@ -97,6 +98,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     except NoCredentialsError as error:
         raise kopf.PermanentError(str(error)) from None  # retrying will not make a kubeconfig appear
     memo.setdefault("settings", OperatorSettings.from_env())
+    # A namespaced install is granted nothing cluster-wide: kopf would try to watch CRDs and
+    # namespaces, and warn. The chart installs the CRD before the operator starts.
+    settings.scanning.disabled = memo.settings.namespace is not None
     memo.setdefault("metrics", OperatorMetrics())
     memo.kube = Kube()
     memo.locks = {}
@@ -204,13 +208,14 @@ async def finetunejob_event(type: str | None, namespace: str, name: str, uid: st
         memo.metrics.job_gone(namespace, name)
         memo.locks.pop(uid, None)
     else:
-        memo.metrics.job_seen(namespace, name, status.get("phase"))
+        memo.metrics.job_seen(namespace, name, status)
 
 
 # -- carrying out ------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def _counted(memo: kopf.Memo, handler: str) -> AsyncIterator[None]:
     memo.metrics.reconciles.labels(handler=handler).inc()
+    started = time.monotonic()
     try:
         yield
     except kopf.TemporaryError:
@@ -218,6 +223,8 @@ async def _counted(memo: kopf.Memo, handler: str) -> AsyncIterator[None]:
     except Exception:
         memo.metrics.reconcile_errors.labels(handler=handler).inc()
         raise
+    finally:
+        memo.metrics.reconcile_seconds.labels(handler=handler).observe(time.monotonic() - started)
 
 
 async def _sync(handler: str, namespace: str, name: str, uid: str, pods_by_job: kopf.Index, memo: kopf.Memo,
@@ -282,6 +289,8 @@ async def _create(job: Job, child: dict[str, Any], memo: kopf.Memo) -> Outcome |
             if owned_by(holder, job.ref.uid) and not holder["metadata"].get("deletionTimestamp"):
                 return None  # ours already: created by an earlier pass
             return waiting(job, child, holder, _now())
+        if error.status == 403:
+            return forbidden(job, child, _api_message(error), _now())
         if 400 <= error.status < 500 and error.status not in RETRIABLE_STATUSES:
             return creation_failed(job, child, _api_message(error), _now())
         raise  # the API is unwell: kopf retries (create, resume) or the next event does

@@ -6,19 +6,24 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 
 from kubetune.operator.settings import OperatorSettings
 
 
 def run(
     namespace: str | None = None,
-    standalone: bool = True,
+    peering: str | None = None,
     liveness_port: int | None = None,
     metrics_port: int | None = None,
 ) -> None:
     """Run the operator until interrupted; ``namespace`` None watches every namespace.
 
-    ``standalone`` skips kopf's peering (no other operator instance to coordinate with).
+    ``peering`` names the kopf peering object replicas coordinate through (None: standalone, the
+    only instance). Among replicas the oldest acts and the others wait: kopf pauses an operator
+    that sees a peer of higher priority, and the priority here is the start time, negated. A
+    replica that dies leaves the peering object when its keep-alive expires, and the next
+    oldest takes over.
     ``metrics_port`` None takes $KUBETUNE_METRICS_PORT (default 8080); 0 serves no metrics.
     Raises OSError when the metrics port is taken.
     """
@@ -34,8 +39,10 @@ def run(
     metrics = OperatorMetrics()
     metrics.serve(settings.metrics_port)
     liveness = liveness_port or settings.liveness_port
+    peered = {"standalone": True} if peering is None else {
+        "standalone": False, "peering_name": peering, "priority": -(time.time_ns() // 1000)}
     kopf.run(
-        standalone=standalone,
+        **peered,
         clusterwide=settings.namespace is None,
         namespaces=[settings.namespace] if settings.namespace else (),
         liveness_endpoint=f"http://0.0.0.0:{liveness}/healthz" if liveness else None,
@@ -52,8 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--peering",
-        action="store_true",
-        help="coordinate with other operator replicas through kopf peering (needs the peering CRDs)",
+        metavar="NAME",
+        default=None,
+        help="run as one of several replicas: coordinate through the kopf peering object NAME (a "
+        "ClusterKopfPeering, or a KopfPeering in the watched namespace; the Helm chart creates it); the "
+        "oldest replica acts, the others stand by",
     )
     parser.add_argument("--liveness-port", type=int, default=None, help="serve /healthz on this port")
     parser.add_argument(
@@ -85,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         run(
             namespace=args.namespace,
-            standalone=not args.peering,
+            peering=args.peering,
             liveness_port=args.liveness_port,
             metrics_port=metrics_port,
         )

@@ -1,48 +1,84 @@
 """The operator's own Prometheus metrics, served on ``--metrics-port`` (default 8080, 0 = off).
 
-A private registry per instance keeps tests independent and the output to these series.
+Names come from ``kubetune.api.metrics``, where the chart's dashboard and alerts are checked
+against them. A private registry per instance keeps tests independent and the output to these
+series.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from kubetune.api import PHASES
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from kubetune.api import metrics as names
+from kubetune.operator.times import parse_time
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Reads of one job and a few API calls: milliseconds, with the API server's latency on top.
+RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class OperatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.jobs = Gauge(
-            "kubetune_operator_jobs", "FineTuneJobs the operator sees, by status.phase.", ["phase"],
-            registry=self.registry,
-        )
+        self.jobs = Gauge(names.OPERATOR_JOBS, "FineTuneJobs the operator sees, by status.phase.", ["phase"],
+                          registry=self.registry)
         self.reconciles = Counter(
-            "kubetune_operator_reconciles", "Handler runs (job created or resumed, worker pod changed).", ["handler"],
+            names.OPERATOR_RECONCILES, "Handler runs (job created or resumed, worker pod changed, tick).", ["handler"],
             registry=self.registry,
         )
         self.reconcile_errors = Counter(
-            "kubetune_operator_reconcile_errors", "Handler runs that raised (kopf retries them).", ["handler"],
+            names.OPERATOR_RECONCILE_ERRORS, "Handler runs that raised (kopf retries them).", ["handler"],
             registry=self.registry,
         )
-        self.pods_created = Counter(
-            "kubetune_operator_pods_created", "Worker pods the operator created.", registry=self.registry
+        self.reconcile_seconds = Histogram(
+            names.OPERATOR_RECONCILE_SECONDS, "Time one handler run took: read the job, reconcile, carry out.",
+            ["handler"], buckets=RECONCILE_BUCKETS, registry=self.registry,
         )
+        self.pods_created = Counter(names.OPERATOR_PODS_CREATED, "Worker pods the operator created.",
+                                    registry=self.registry)
         self.scrape_failures = Counter(
-            "kubetune_operator_progress_scrape_failures",
+            names.OPERATOR_SCRAPE_FAILURES,
             "Scrapes of a rank 0 /metrics endpoint that failed (unreachable or not Prometheus text).",
             registry=self.registry,
+        )
+        job_labels = ["namespace", names.JOB_LABEL]
+        self.job_phase = Gauge(names.JOB_PHASE, "1 for the job's current status.phase.", [*job_labels, "phase"],
+                               registry=self.registry)
+        self.job_restarts = Gauge(names.JOB_RESTARTS, "Gang restarts of the job so far (status.restarts).",
+                                  job_labels, registry=self.registry)
+        self.job_last_step = Gauge(
+            names.JOB_LAST_STEP_TIMESTAMP, "When the job's optimizer step last moved (status.progress.stepTime).",
+            job_labels, registry=self.registry,
         )
         self._phases: dict[tuple[str, str], str] = {}
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 
-    def job_seen(self, namespace: str, name: str, phase: str | None) -> None:
-        """Record a job's phase (a job with no status yet counts as Pending)."""
-        self._phases[(namespace, name)] = phase or "Pending"
+    def job_seen(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """Record a job's status (a job with no status yet counts as Pending)."""
+        phase = status.get("phase") or "Pending"
+        before = self._phases.get((namespace, name))
+        if before is not None and before != phase:
+            self.job_phase.remove(namespace, name, before)
+        self._phases[(namespace, name)] = phase
+        self.job_phase.labels(namespace, name, phase).set(1)
+        self.job_restarts.labels(namespace, name).set(int(status.get("restarts") or 0))
+        stepped = parse_time((status.get("progress") or {}).get("stepTime"))
+        if stepped is not None:
+            self.job_last_step.labels(namespace, name).set(stepped.timestamp())
         self._recount()
 
     def job_gone(self, namespace: str, name: str) -> None:
-        self._phases.pop((namespace, name), None)
+        phase = self._phases.pop((namespace, name), None)
+        if phase is not None:
+            self.job_phase.remove(namespace, name, phase)
+            self.job_restarts.remove(namespace, name)
+            try:
+                self.job_last_step.remove(namespace, name)
+            except KeyError:  # it never took a step
+                pass
         self._recount()
 
     def _recount(self) -> None:

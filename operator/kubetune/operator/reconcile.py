@@ -48,7 +48,6 @@ from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import assemble
 from kubetune.operator.times import format_time, parse_time, seconds_since
 
-RESTART_BACKOFF_SECONDS = 10
 RESTART_BACKOFF_CAP_SECONDS = 300
 LOG_TAILS = 4
 """Failed pods whose log tails are posted per failure: the first few say why; the rest, who
@@ -311,7 +310,7 @@ class _Pass:
             message = (f"{report.message}; the gang was restarted {restarts} time{'s' * (restarts != 1)} "
                        f"(spec.runPolicy.backoffLimit {self.policy.backoff_limit})")
             return self.fail("BackoffLimitExceeded", message, report=report, pod=name)
-        delay = min(RESTART_BACKOFF_SECONDS * 2 ** restarts, RESTART_BACKOFF_CAP_SECONDS)
+        delay = min(self.settings.restart_backoff_seconds * 2 ** restarts, RESTART_BACKOFF_CAP_SECONDS)
         message = (f"attempt {self.attempt} failed: {report.message}; restarting all {self.replicas} workers in "
                    f"{delay}s (restart {restarts + 1} of at most {self.policy.backoff_limit})")
         return self._status(
@@ -533,6 +532,20 @@ def waiting(job: Job, child: Mapping[str, Any], holder: Mapping[str, Any], now: 
     # The status keeps no launch record for what could not be created: the next pass tries again.
     outcome = _Pass(job, None, _NO_SETTINGS, now, [])._status(phase, message)
     return Outcome(outcome.status, outcome.actions, blocked=message)
+
+
+def forbidden(job: Job, child: Mapping[str, Any], error: str, now: datetime) -> Outcome:
+    """The operator's own permissions lack the creation of a child (RBAC edited, or an install
+    that grants less): not the job's fault, so it is not failed. It waits, saying why in its
+    status and once in an Event, and the next pass tries again: granting the permission is
+    enough to go on."""
+    what = f"{child['kind']} {child['metadata']['name']}"
+    message = (f"the operator may not create {what}: {error}; grant its service account this permission "
+               "(the Helm chart's rbac.create does)")
+    phase: Phase = job.status.get("phase") or ("Pending" if _skips_preflight(job) else "Validating")
+    outcome = _Pass(job, None, _NO_SETTINGS, now, [])._status(phase, message)
+    told = () if job.status.get("message") == message else (Event("Warning", "Forbidden", message),)
+    return Outcome(outcome.status, (*outcome.actions, *told), blocked=message)
 
 
 def _skips_preflight(job: Job) -> bool:

@@ -13,6 +13,9 @@ KUBETUNE_TRAINER_METRICS_PORT      9400                       port rank 0 serves
 KUBETUNE_LIVENESS_PORT             (unset = off)              operator /healthz port
 KUBETUNE_METRICS_PORT              8080                       operator /metrics port; 0 = off
                                                               (``--metrics-port`` overrides it)
+KUBETUNE_RESTART_BACKOFF_SECONDS   10                         wait before a failed gang's first
+                                                              restart; doubles each restart, up
+                                                              to 300 s
 =================================  =========================  ==================================
 """
 
@@ -37,6 +40,7 @@ class OperatorSettings:
     trainer_metrics_port: int = 9400
     liveness_port: int | None = None
     metrics_port: int = 8080
+    restart_backoff_seconds: int = 10
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -48,12 +52,22 @@ class OperatorSettings:
             trainer_metrics_port=_port(env, "KUBETUNE_TRAINER_METRICS_PORT") or 9400,
             liveness_port=_port(env, "KUBETUNE_LIVENESS_PORT"),
             metrics_port=_metrics_port(env),
+            restart_backoff_seconds=_seconds(env, "KUBETUNE_RESTART_BACKOFF_SECONDS", 10),
         )
 
 
 def _text(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
     return value or None
+
+
+def _seconds(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > 3600:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds; set it to 0..3600 or unset it")
+    return int(raw)
 
 
 def _metrics_port(env: Mapping[str, str]) -> int:
