@@ -12,7 +12,7 @@ UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install demo test test-fast lint crds bench bench-local clean
+.PHONY: help install demo test test-fast lint crds chart bench bench-local clean
 
 help: ## Show the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,10 +55,15 @@ test: install ## Run the whole test suite (unit, local-cluster component tests, 
 test-fast: install ## Unit tests only (no cluster, no training).
 	$(BIN)/pytest -m "not e2e" tests/api tests/contracts tests/cli tests/operator tests/localcluster/test_kubelet_units.py \
 	  tests/localcluster/test_container_logs.py tests/localcluster/test_pins.py tests/packaging/test_import_boundaries.py \
+	  tests/chart/test_chart.py tests/examples \
 	  --ignore=tests/operator/test_operator_on_cluster.py $(PYTEST_ARGS)
 
-crds: install ## Regenerate crds/finetunejob.yaml from the types in api/kubetune/api/ (make test fails when stale).
+crds: install ## Regenerate crds/finetunejob.yaml (and the chart's copy) from the types in api/kubetune/api/.
 	$(BIN)/python -m kubetune.api.crd crds/finetunejob.yaml
+	cp crds/finetunejob.yaml charts/kubetune/files/crds/finetunejob.yaml
+
+chart: install ## Regenerate the chart's README and values.schema.json descriptions from values.yaml's comments.
+	$(BIN)/python charts/chart_docs.py
 
 lint: install ## Static checks (ruff: unused and undefined names).
 	$(BIN)/ruff check .

@@ -1,0 +1,164 @@
+"""The chart installed as users install it, on the local cluster (the real control plane): the
+API server accepts every object each switch renders, in namespaces that enforce Pod Security
+"restricted"; `helm install` runs the operator as the chart's pod under the chart's RBAC, and the
+quickstart, applied with kubectl, Succeeds; a rule taken away shows up as the Forbidden the
+operator reports; `helm uninstall` keeps the CRD and the jobs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from chart_tools import CHART, NAMESPACE, RELEASE, SWITCHES, render
+
+from kubetune.cli.demo import (
+    CREDENTIALS_SECRET, DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Kubectl, follow_job, local_cluster, upload_demo_data,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+REPO = Path(__file__).resolve().parents[2]
+JOBS = "ml"  # where the jobs run; like the operator's namespace, it enforces Pod Security "restricted"
+# prometheus-operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule), from its Go module:
+# the machines reach the Go module proxy, and Go caches the module.
+PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
+
+
+def wait_for(check, what: str, timeout: float = 120, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened within {timeout:.0f}s: {what}")
+        time.sleep(every)
+
+
+def restricted_namespace(kubectl: Kubectl, name: str) -> None:
+    kubectl.run("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted",
+                                              "pod-security.kubernetes.io/enforce-version": "latest"}}}))
+
+
+def prometheus_operator_crds() -> list[Path]:
+    found = subprocess.run(["go", "mod", "download", "-json", PROMETHEUS_OPERATOR], capture_output=True, text=True,
+                           check=True, timeout=600)
+    folder = Path(json.loads(found.stdout)["Dir"]) / "example" / "prometheus-operator-crd"
+    return [folder / f"monitoring.coreos.com_{plural}.yaml" for plural in ("servicemonitors", "podmonitors",
+                                                                         "prometheusrules")]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("chart-cluster")
+    with local_cluster(state) as info:
+        kubectl = Kubectl(info.kubeconfig)
+        for namespace in (NAMESPACE, JOBS):
+            restricted_namespace(kubectl, namespace)
+        yield info, kubectl
+
+
+def test_every_object_of_every_switch_is_accepted_by_the_api_server(cluster) -> None:
+    _, kubectl = cluster
+    for crd in [*prometheus_operator_crds(), CHART / "crds" / "kopf-peering.yaml"]:
+        kubectl.run("apply", "--server-side", "-f", str(crd))
+    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com",
+                "crd/podmonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com",
+                "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev")
+    for switch, values in SWITCHES.items():
+        objects = render(values)
+        documents = yaml.safe_dump_all(objects)
+        # Server-side dry run: the API server's schemas (built-in and CRDs) and admission, the
+        # Pod Security "restricted" admission of the operator's Deployment included.
+        result = kubectl.run("apply", "--dry-run=server", "--server-side", "--field-manager=helm", "-f", "-",
+                             input=documents, check=False)
+        assert result.returncode == 0, f"{switch}: {result.stderr}"
+        assert "Warning" not in result.stderr, f"{switch}: {result.stderr}"  # PSS warns on a Deployment's pods
+        applied = [line for line in result.stdout.splitlines() if line.strip()]
+        assert len(applied) == len(objects), (switch, applied)
+
+
+def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cluster) -> None:
+    import helm_python as helm
+
+    info, kubectl = cluster
+    upload_demo_data(info.s3_endpoint)
+    kubectl.run("create", "secret", "generic", CREDENTIALS_SECRET, "-n", JOBS,
+                f"--from-literal=AWS_ACCESS_KEY_ID={DEMO_ACCESS_KEY}",
+                f"--from-literal=AWS_SECRET_ACCESS_KEY={DEMO_SECRET_KEY}")
+    config = helm.Config(kubeconfig_path=info.kubeconfig, namespace=NAMESPACE)
+    # Two replicas: they agree through kopf's peering object that one of them acts.
+    release = config.install(str(CHART), RELEASE, namespace=NAMESPACE, wait="watcher", timeout=180,
+                             values={"replicaCount": 2, "operator": {"s3Endpoint": info.s3_cluster_endpoint}})
+    assert release["status"] == "deployed"  # Helm waited for the operator's Deployment to be ready
+    pods = kubectl.json("get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator")["items"]
+    assert len(pods) == 2 and {pod["spec"]["serviceAccountName"] for pod in pods} == {"kubetune"}
+    names = sorted(pod["metadata"]["name"] for pod in pods)
+    peers = wait_for(lambda: len((kubectl.json("get", "clusterkopfpeering", RELEASE).get("status") or {})) == 2
+                     and kubectl.json("get", "clusterkopfpeering", RELEASE)["status"], "both replicas in the peering")
+    assert sorted(peers) == names
+
+    quickstart = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    quickstart["metadata"]["namespace"] = JOBS
+    kubectl.run("apply", "-f", "-", input=yaml.safe_dump(quickstart))
+    job = follow_job(kubectl, "quickstart", namespace=JOBS, timeout=600, echo=False)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+
+    # A chart's pod did it, under the chart's ServiceAccount, and only one of the two: the
+    # older, by the priorities in the peering object. Its name is on every Event of the job.
+    events = kubectl.json("get", "events", "-n", JOBS, "--field-selector", "involvedObject.name=quickstart")["items"]
+    acting = max(peers, key=lambda name: peers[name]["priority"])
+    assert {event.get("reportingInstance") for event in events} == {acting}
+    for name in names:
+        logs = kubectl.run("logs", "-n", NAMESPACE, f"pod/{name}").stdout
+        assert "forbidden" not in logs.lower() and "Not enough permissions" not in logs, logs[-3000:]
+
+
+def test_a_rule_taken_away_is_the_forbidden_the_operator_reports(cluster) -> None:
+    _, kubectl = cluster
+    role = kubectl.json("get", "clusterrole", RELEASE)
+    granted = json.loads(json.dumps(role))
+    for rule in role["rules"]:
+        if rule["resources"] == ["pods"]:
+            rule["verbs"].remove("create")
+    kubectl.run("replace", "-f", "-", input=json.dumps(role))
+    try:
+        job = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+        job["metadata"].update(name="forbidden", namespace=JOBS)
+        job["spec"]["output"]["adapterUri"] = "s3://adapters/forbidden/"
+        kubectl.run("apply", "-f", "-", input=yaml.safe_dump(job))
+
+        def reported() -> dict | None:
+            status = kubectl.json("get", "ftj", "forbidden", "-n", JOBS).get("status") or {}
+            return status if "forbidden" in status.get("message", "") else None
+
+        status = wait_for(reported, "the Forbidden in the job's status")
+        assert status["phase"] == "Validating"
+        assert 'cannot create resource "pods"' in status["message"]
+        assert 'User "system:serviceaccount:kubetune-system:kubetune"' in status["message"]
+        reasons = [e["reason"] for e in kubectl.json("get", "events", "-n", JOBS, "--field-selector",
+                                                     "involvedObject.name=forbidden")["items"]]
+        assert reasons.count("Forbidden") == 1, reasons
+    finally:
+        granted["metadata"].pop("resourceVersion", None)
+        kubectl.run("apply", "-f", "-", input=json.dumps(granted))
+    # Granted again, the job goes on by itself: its preflight pod is created.
+    wait_for(lambda: kubectl.run("get", "pod", "forbidden-preflight", "-n", JOBS, check=False).returncode == 0,
+             "the preflight pod, once the rule is back", timeout=60)
+    kubectl.run("delete", "ftj", "forbidden", "-n", JOBS, "--wait=false")
+
+
+def test_helm_uninstall_keeps_the_crd_and_the_jobs(cluster) -> None:
+    import helm_python as helm
+
+    info, kubectl = cluster
+    helm.Config(kubeconfig_path=info.kubeconfig, namespace=NAMESPACE).uninstall(RELEASE, wait="watcher", timeout=120)
+    assert kubectl.run("get", "deployment", RELEASE, "-n", NAMESPACE, check=False).returncode != 0
+    assert kubectl.run("get", "clusterrole", RELEASE, check=False).returncode != 0
+    assert kubectl.run("get", "crd", "finetunejobs.kubetune.dev", check=False).returncode == 0
+    assert kubectl.json("get", "ftj", "quickstart", "-n", JOBS)["status"]["phase"] == "Succeeded"
