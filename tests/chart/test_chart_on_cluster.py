@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from chart_tools import CHART, NAMESPACE, RELEASE, SWITCHES, render
+from e2e_tools import wait_for
 
 from kubetune.cli.demo import (
     CREDENTIALS_SECRET, DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Kubectl, follow_job, local_cluster, upload_demo_data,
@@ -25,17 +25,6 @@ JOBS = "ml"  # where the jobs run; like the operator's namespace, it enforces Po
 # prometheus-operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule), from its Go module:
 # the machines reach the Go module proxy, and Go caches the module.
 PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
-
-
-def wait_for(check, what: str, timeout: float = 120, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened within {timeout:.0f}s: {what}")
-        time.sleep(every)
 
 
 def restricted_namespace(kubectl: Kubectl, name: str) -> None:
@@ -81,6 +70,28 @@ def test_every_object_of_every_switch_is_accepted_by_the_api_server(cluster) -> 
         assert "Warning" not in result.stderr, f"{switch}: {result.stderr}"  # PSS warns on a Deployment's pods
         applied = [line for line in result.stdout.splitlines() if line.strip()]
         assert len(applied) == len(objects), (switch, applied)
+
+
+def test_every_pod_the_operator_builds_is_accepted_in_a_restricted_namespace(cluster) -> None:
+    """The quickstart's and the GPU example's preflight and workers (every pod-shape knob set),
+    as the operator builds them, against the API server's schemas and Pod Security admission."""
+    from kubetune.api import JobRef, parse_spec
+    from kubetune.operator.manifests import build_config_map, build_preflight_pod, build_workers
+    from kubetune.operator.settings import OperatorSettings
+
+    _, kubectl = cluster
+    # What the GPU example names and admission checks: its ServiceAccount and PriorityClass.
+    kubectl.run("create", "serviceaccount", "kubetune-trainer", "-n", JOBS)
+    kubectl.run("create", "priorityclass", "training-high", "--value=1000")
+    for example in ("quickstart.yaml", "gpu-scheduling.yaml"):
+        spec = parse_spec(yaml.safe_load((REPO / "examples" / example).read_text())["spec"])
+        job = JobRef(name="shape", namespace=JOBS, uid="00000000-0000-0000-0000-000000000001")
+        settings = OperatorSettings()
+        children = [build_config_map(job, spec, settings), build_preflight_pod(job, spec, settings),
+                    *build_workers(job, spec, settings, attempt=2)]
+        result = kubectl.run("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(children), check=False)
+        assert result.returncode == 0 and not result.stderr, f"{example}: {result.stderr}"
+        assert result.stdout.count("(server dry run)") == len(children)
 
 
 def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cluster) -> None:
