@@ -132,6 +132,13 @@ def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cl
 
 def test_a_rule_taken_away_is_the_forbidden_the_operator_reports(cluster) -> None:
     _, kubectl = cluster
+    # The acting replica goes (an upgrade, a drained node): the one standing by takes over.
+    peers = kubectl.json("get", "clusterkopfpeering", RELEASE)["status"]
+    acting, standby = sorted(peers, key=lambda name: peers[name]["priority"], reverse=True)
+    kubectl.run("delete", "pod", acting, "-n", NAMESPACE, "--wait=false")
+    wait_for(lambda: acting not in (kubectl.json("get", "clusterkopfpeering", RELEASE).get("status") or {}),
+             "the acting replica to leave the peering", timeout=90)
+
     role = kubectl.json("get", "clusterrole", RELEASE)
     granted = json.loads(json.dumps(role))
     for rule in role["rules"]:
@@ -152,9 +159,10 @@ def test_a_rule_taken_away_is_the_forbidden_the_operator_reports(cluster) -> Non
         assert status["phase"] == "Validating"
         assert 'cannot create resource "pods"' in status["message"]
         assert 'User "system:serviceaccount:kubetune-system:kubetune"' in status["message"]
-        reasons = [e["reason"] for e in kubectl.json("get", "events", "-n", JOBS, "--field-selector",
-                                                     "involvedObject.name=forbidden")["items"]]
-        assert reasons.count("Forbidden") == 1, reasons
+        events = kubectl.json("get", "events", "-n", JOBS, "--field-selector", "involvedObject.name=forbidden")["items"]
+        forbidden = [event for event in events if event["reason"] == "Forbidden"]
+        assert len(forbidden) == 1, [event["reason"] for event in events]
+        assert forbidden[0]["reportingInstance"] == standby
     finally:
         granted["metadata"].pop("resourceVersion", None)
         kubectl.run("apply", "-f", "-", input=json.dumps(granted))
