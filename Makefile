@@ -32,7 +32,14 @@ $(VENV)/.control-plane: $(CONTROL_PLANE)/go.mod $(CONTROL_PLANE)/go.sum $(CONTRO
 	$(CONTROL_PLANE)/build.sh $(BIN)
 	touch $@
 
-install: $(VENV)/.installed $(CONTROL_PLANE_STAMP) ## Create .venv with kubetune and everything its tests need; build the control plane.
+# Prometheus (prometheus and promtool) with Kubernetes service discovery, of the version pinned
+# in localcluster/prometheus/go.mod: the local cluster's monitoring and the alert rules' checker.
+PROMETHEUS := localcluster/prometheus
+$(VENV)/.prometheus: $(PROMETHEUS)/go.mod $(PROMETHEUS)/go.sum $(PROMETHEUS)/build.sh | $(VENV)/.installed
+	$(PROMETHEUS)/build.sh $(BIN)
+	touch $@
+
+install: $(VENV)/.installed $(CONTROL_PLANE_STAMP) $(VENV)/.prometheus ## Create .venv with kubetune and everything its tests need; build the control plane and Prometheus.
 
 # uv resolves this stack in seconds where pip backtracks for minutes; it lives inside the venv so
 # nothing outside the repository is touched. DS_BUILD_OPS=0: DeepSpeed compiles its CPU op lazily.
@@ -55,7 +62,7 @@ test: install ## Run the whole test suite (unit, local-cluster component tests, 
 test-fast: install ## Unit tests only (no cluster, no training).
 	$(BIN)/pytest -m "not e2e" tests/api tests/contracts tests/cli tests/operator tests/localcluster/test_kubelet_units.py \
 	  tests/localcluster/test_container_logs.py tests/localcluster/test_pins.py tests/packaging/test_import_boundaries.py \
-	  tests/chart/test_chart.py tests/examples \
+	  tests/chart/test_chart.py tests/examples tests/localcluster/test_prometheus_config.py \
 	  --ignore=tests/operator/test_operator_on_cluster.py $(PYTEST_ARGS)
 
 crds: install ## Regenerate crds/finetunejob.yaml (and the chart's copy) from the types in api/kubetune/api/.

@@ -7,7 +7,8 @@ operator reports; `helm uninstall` keeps the CRD and the jobs."""
 from __future__ import annotations
 
 import json
-import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,11 @@ from e2e_tools import wait_for
 from kubetune.cli.demo import (
     CREDENTIALS_SECRET, DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Kubectl, follow_job, local_cluster, upload_demo_data,
 )
+from kubetune.localcluster.prometheus import LocalPrometheus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 JOBS = "ml"  # where the jobs run; like the operator's namespace, it enforces Pod Security "restricted"
-# prometheus-operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule), from its Go module:
-# the machines reach the Go module proxy, and Go caches the module.
-PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
 
 
 def restricted_namespace(kubectl: Kubectl, name: str) -> None:
@@ -34,14 +33,6 @@ def restricted_namespace(kubectl: Kubectl, name: str) -> None:
                                               "pod-security.kubernetes.io/enforce-version": "latest"}}}))
 
 
-def prometheus_operator_crds() -> list[Path]:
-    found = subprocess.run(["go", "mod", "download", "-json", PROMETHEUS_OPERATOR], capture_output=True, text=True,
-                           check=True, timeout=600)
-    folder = Path(json.loads(found.stdout)["Dir"]) / "example" / "prometheus-operator-crd"
-    return [folder / f"monitoring.coreos.com_{plural}.yaml" for plural in ("servicemonitors", "podmonitors",
-                                                                         "prometheusrules")]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("chart-cluster")
@@ -49,16 +40,16 @@ def cluster(tmp_path_factory):
         kubectl = Kubectl(info.kubeconfig)
         for namespace in (NAMESPACE, JOBS):
             restricted_namespace(kubectl, namespace)
-        yield info, kubectl
+        # Prometheus, with prometheus-operator's CRDs, as on a cluster with kube-prometheus-stack.
+        with LocalPrometheus(state / "prometheus", info.kubeconfig, interval="1s") as prometheus:
+            yield info, kubectl, prometheus
 
 
 def test_every_object_of_every_switch_is_accepted_by_the_api_server(cluster) -> None:
-    _, kubectl = cluster
-    for crd in [*prometheus_operator_crds(), CHART / "crds" / "kopf-peering.yaml"]:
-        kubectl.run("apply", "--server-side", "-f", str(crd))
-    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com",
-                "crd/podmonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com",
-                "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev")
+    _, kubectl, _ = cluster
+    kubectl.run("apply", "--server-side", "-f", str(CHART / "crds" / "kopf-peering.yaml"))
+    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev",
+                "crd/kopfpeerings.kopf.dev")
     for switch, values in SWITCHES.items():
         objects = render(values)
         documents = yaml.safe_dump_all(objects)
@@ -79,7 +70,7 @@ def test_every_pod_the_operator_builds_is_accepted_in_a_restricted_namespace(clu
     from kubetune.operator.manifests import build_config_map, build_preflight_pod, build_workers
     from kubetune.operator.settings import OperatorSettings
 
-    _, kubectl = cluster
+    _, kubectl, _ = cluster
     # What the GPU example names and admission checks: its ServiceAccount and PriorityClass.
     kubectl.run("create", "serviceaccount", "kubetune-trainer", "-n", JOBS)
     kubectl.run("create", "priorityclass", "training-high", "--value=1000")
@@ -97,15 +88,19 @@ def test_every_pod_the_operator_builds_is_accepted_in_a_restricted_namespace(clu
 def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cluster) -> None:
     import helm_python as helm
 
-    info, kubectl = cluster
+    info, kubectl, prometheus = cluster
     upload_demo_data(info.s3_endpoint)
     kubectl.run("create", "secret", "generic", CREDENTIALS_SECRET, "-n", JOBS,
                 f"--from-literal=AWS_ACCESS_KEY_ID={DEMO_ACCESS_KEY}",
                 f"--from-literal=AWS_SECRET_ACCESS_KEY={DEMO_SECRET_KEY}")
     config = helm.Config(kubeconfig_path=info.kubeconfig, namespace=NAMESPACE)
     # Two replicas: they agree through kopf's peering object that one of them acts.
-    release = config.install(str(CHART), RELEASE, namespace=NAMESPACE, wait="watcher", timeout=180,
-                             values={"replicaCount": 2, "operator": {"s3Endpoint": info.s3_cluster_endpoint}})
+    # The monitors and alerts too: the local Prometheus reads them as prometheus-operator would.
+    release = config.install(str(CHART), RELEASE, namespace=NAMESPACE, wait="watcher", timeout=180, values={
+        "replicaCount": 2, "operator": {"s3Endpoint": info.s3_cluster_endpoint},
+        "metrics": {"serviceMonitor": {"enabled": True, "interval": "1s"},
+                    "podMonitor": {"enabled": True, "interval": "1s"},
+                    "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}})
     assert release["status"] == "deployed"  # Helm waited for the operator's Deployment to be ready
     pods = kubectl.json("get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator")["items"]
     assert len(pods) == 2 and {pod["spec"]["serviceAccountName"] for pod in pods} == {"kubetune"}
@@ -116,6 +111,7 @@ def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cl
 
     quickstart = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     quickstart["metadata"]["namespace"] = JOBS
+    prometheus.reload_now()  # the watcher would within seconds; the job must not start unwatched
     kubectl.run("apply", "-f", "-", input=yaml.safe_dump(quickstart))
     job = follow_job(kubectl, "quickstart", namespace=JOBS, timeout=600, echo=False)
     assert job["status"]["phase"] == "Succeeded", job["status"]
@@ -130,8 +126,52 @@ def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cl
         assert "forbidden" not in logs.lower() and "Not enough permissions" not in logs, logs[-3000:]
 
 
+def test_prometheus_finds_the_operator_and_the_training_through_the_charts_monitors(cluster) -> None:
+    """What the chart's monitors, alerts and dashboard give a Prometheus that discovers targets
+    through the Kubernetes API: series with the job's labels, alerts that evaluate (a failed
+    job fires one), and every dashboard panel with data for the job."""
+    _, kubectl, prometheus = cluster
+    targets = prometheus.api("targets")["activeTargets"]
+    operator = [t for t in targets if t["labels"]["job"] == "kubetune-metrics"]
+    assert len(operator) == 2 and {t["health"] for t in operator} == {"up"}, operator
+
+    job = {"namespace": JOBS, "finetunejob": "quickstart"}
+    selector = ",".join(f'{key}="{value}"' for key, value in job.items())
+    [loss] = prometheus.query(f"last_over_time(kubetune_train_loss{{{selector}}}[1h])")
+    assert loss["metric"]["attempt"] == "1" and loss["metric"]["pod"] == "quickstart-worker-0", loss
+    [phase] = prometheus.query(f"kubetune_job_phase{{{selector}}}")
+    assert phase["metric"]["phase"] == "Succeeded" and phase["value"][1] == "1"
+
+    # Every rule of the chart's PrometheusRule evaluates; a failed job fires KubetuneJobFailed.
+    failing = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    failing["metadata"].update(name="no-data", namespace=JOBS)
+    failing["spec"]["dataset"]["uri"] = "s3://datasets/quickstart/missing.jsonl"
+    failing["spec"]["output"]["adapterUri"] = "s3://adapters/no-data/"
+    kubectl.run("apply", "-f", "-", input=yaml.safe_dump(failing))
+    assert follow_job(kubectl, "no-data", namespace=JOBS, timeout=300, echo=False)["status"]["phase"] == "Failed"
+    wait_for(lambda: prometheus.query('ALERTS{alertname="KubetuneJobFailed", alertstate="firing", '
+                                      f'namespace="{JOBS}", finetunejob="no-data"}}'), "KubetuneJobFailed firing")
+    rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
+    assert {rule["name"] for rule in rules} >= {"KubetuneJobFailed", "KubetuneJobStalled", "KubetuneOperatorDown",
+                                                "KubetuneJobRestartsClimbing", "KubetuneOperatorReconcileErrors"}
+    assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
+
+    # The dashboard, as Grafana would run it for this job over the time it ran.
+    dashboard = json.loads(kubectl.json("get", "configmap", "kubetune-dashboard", "-n", NAMESPACE)["data"]["kubetune.json"])
+    status = kubectl.json("get", "ftj", "quickstart", "-n", JOBS)["status"]
+    start = datetime.fromisoformat(status["startTime"].replace("Z", "+00:00")).timestamp() - 30
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expression = target["expr"].replace("$namespace", JOBS).replace("$finetunejob", "quickstart")
+            answer = prometheus.api("query_range", query=expression, start=start, end=time.time(), step="1s")
+            if not answer["result"]:
+                empty.append(f"{panel['title']}: {expression}")
+    assert not empty, empty
+
+
 def test_a_rule_taken_away_is_the_forbidden_the_operator_reports(cluster) -> None:
-    _, kubectl = cluster
+    _, kubectl, _ = cluster
     # The acting replica goes (an upgrade, a drained node): the one standing by takes over.
     peers = kubectl.json("get", "clusterkopfpeering", RELEASE)["status"]
     acting, standby = sorted(peers, key=lambda name: peers[name]["priority"], reverse=True)
@@ -175,7 +215,7 @@ def test_a_rule_taken_away_is_the_forbidden_the_operator_reports(cluster) -> Non
 def test_helm_uninstall_keeps_the_crd_and_the_jobs(cluster) -> None:
     import helm_python as helm
 
-    info, kubectl = cluster
+    info, kubectl, _ = cluster
     helm.Config(kubeconfig_path=info.kubeconfig, namespace=NAMESPACE).uninstall(RELEASE, wait="watcher", timeout=120)
     assert kubectl.run("get", "deployment", RELEASE, "-n", NAMESPACE, check=False).returncode != 0
     assert kubectl.run("get", "clusterrole", RELEASE, check=False).returncode != 0

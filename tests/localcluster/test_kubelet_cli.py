@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -50,7 +51,8 @@ def state(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_up_detach_then_down_leaves_nothing_behind(state: Path) -> None:
-    up = _local("up", "--detach", "--dir", str(state), "--image", "docker.io/library/busybox:1.36")
+    up = _local("up", "--detach", "--dir", str(state), "--image", "docker.io/library/busybox:1.36",
+                "--with-prometheus")
     assert up.returncode == 0, up.stderr
     assert f"export KUBECONFIG={state / 'kubeconfig'}" in up.stdout
     assert "busybox, ignored, kubetune/operator, kubetune/trainer" in up.stdout  # the images it runs
@@ -62,7 +64,14 @@ def test_up_detach_then_down_leaves_nothing_behind(state: Path) -> None:
 
     names = {Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
              for pid in leftovers.cluster_processes(info["prefix"])}
-    assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"} <= names
+    assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "prometheus"} <= names
+    # Prometheus answers, and discovers through the API as its own ServiceAccount.
+    assert f"# Prometheus: {info['prometheusUrl']}" in up.stdout
+    ready = urllib.request.urlopen(info["prometheusUrl"] + "/-/ready", timeout=5).read().decode()
+    assert "Ready" in ready
+    as_prometheus = "--as=system:serviceaccount:monitoring:prometheus"
+    assert _kubectl(state, "auth", "can-i", "list", "pods", "-A", as_prometheus).stdout.strip() == "yes"
+    assert _kubectl(state, "auth", "can-i", "get", "secrets", "-A", as_prometheus).stdout.strip() == "no"
     assert (state / "etcd").is_dir()
 
     down = _local("down", "--dir", str(state))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import urllib.request
 
@@ -81,3 +82,16 @@ def test_serve_answers_a_scrape_and_port_0_serves_nothing() -> None:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "kubetune_operator_pods_created_total 1.0" in body
     assert 'kubetune_operator_jobs{phase="Failed"} 0.0' in body
+
+
+def test_every_handler_is_exported_at_zero_before_it_runs() -> None:
+    """An operator without errors shows an error rate of 0, not no data; and the list is the
+    handlers' own."""
+    import inspect
+
+    from kubetune.operator import handlers
+    from kubetune.operator.metrics import HANDLERS
+
+    metrics = OperatorMetrics()
+    assert all(_sample(metrics, "kubetune_operator_reconcile_errors_total", handler=h) == 0 for h in HANDLERS)
+    assert set(HANDLERS) == set(re.findall(r'_sync\("(\w+)"', inspect.getsource(handlers)))

@@ -3,7 +3,9 @@
 ``up`` writes ``<dir>/kubeconfig`` (the admin's) and ``<dir>/cluster.json`` (pid, API URL, S3
 endpoints, prefix) and runs in the foreground until Ctrl-C, or with ``--detach`` starts itself
 in the background (``python -m kubetune.localcluster up --dir DIR``) and returns once a pod can
-be scheduled. The control plane's logs are in ``<dir>/logs/``.
+be scheduled. The control plane's logs are in ``<dir>/logs/``. ``--with-prometheus`` adds a
+Prometheus that discovers targets through the cluster's API and follows the ServiceMonitors,
+PodMonitors and PrometheusRules in the cluster (``kubetune.localcluster.prometheus``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image", action="append", default=[], metavar="REPOSITORY", type=_image,
         help="an image the node runs besides kubetune/trainer and kubetune/operator, any tag or digest "
              "(repeatable); a pod with another image waits in ErrImagePull",
+    )
+    up.add_argument(
+        "--with-prometheus", action="store_true",
+        help="also run Prometheus (Kubernetes discovery; scrapes what ServiceMonitors and PodMonitors select, "
+             "evaluates PrometheusRules); its URL is in the banner",
     )
     down = sub.add_parser("down", help="stop the cluster recorded in <dir>/cluster.json")
     down.add_argument("--dir", default=DEFAULT_DIR)
@@ -88,22 +95,30 @@ def _banner(info: dict) -> str:
         f"# API server: {info['apiUrl']}  (Kubernetes {info.get('version', '?')}, pod network: {info['network']})\n"
         f"# S3 endpoint (host): {info['s3Endpoint']}\n"
         f"# S3 endpoint (pods): {info['s3ClusterEndpoint']}\n"
-        f"# control plane logs: {info.get('logs', '')}\n"
+        + (f"# Prometheus: {info['prometheusUrl']}  (follows ServiceMonitors, PodMonitors, PrometheusRules)\n"
+           if info.get("prometheusUrl") else "")
+        + f"# control plane logs: {info.get('logs', '')}\n"
         f"# images the node runs (any tag): {', '.join(info.get('images', []))} (more: `up --image REPOSITORY`)\n"
         "# try: kubectl get nodes; kubectl api-resources; then `kubetune local down`\n"
     )
 
 
-def _up_foreground(directory: Path, network: str, images: list[str]) -> int:
+def _up_foreground(directory: Path, network: str, images: list[str], with_prometheus: bool = False) -> int:
     from kubetune.localcluster.cluster import LocalCluster
+    from kubetune.localcluster.prometheus import LocalPrometheus
 
     info = _read_info(directory)
     if info and pid_alive(int(info["pid"])):
         print(f"a local cluster already runs (pid {info['pid']}); `kubetune local down` first", file=sys.stderr)
         return 1
     cluster = LocalCluster(state_dir=directory, network=network, images=images)
+    prometheus: LocalPrometheus | None = None
 
     def ready(c: LocalCluster) -> None:
+        nonlocal prometheus
+        if with_prometheus:
+            prometheus = LocalPrometheus(directory / "prometheus", str(c.kubeconfig),
+                                         env={leftovers.MARKER_ENV: c.prefix}).start()
         info = {
             "pid": os.getpid(),
             "apiUrl": c.api_url,
@@ -115,6 +130,7 @@ def _up_foreground(directory: Path, network: str, images: list[str]) -> int:
             "version": c.version,
             "logs": str(directory / "logs"),
             "images": c.images.names(),
+            **({"prometheusUrl": prometheus.url} if prometheus else {}),
         }
         path = _info_path(directory)
         path.write_text(json.dumps(info, indent=2) + "\n")
@@ -123,13 +139,15 @@ def _up_foreground(directory: Path, network: str, images: list[str]) -> int:
     try:
         cluster.run_forever(on_ready=ready)
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         info = _read_info(directory)
         if info and info.get("pid") == os.getpid():
             _info_path(directory).unlink(missing_ok=True)
     return 0
 
 
-def _up_detached(directory: Path, network: str, images: list[str]) -> int:
+def _up_detached(directory: Path, network: str, images: list[str], with_prometheus: bool = False) -> int:
     info = _read_info(directory)
     if info and pid_alive(int(info["pid"])):
         print(_banner(info), end="")
@@ -139,7 +157,8 @@ def _up_detached(directory: Path, network: str, images: list[str]) -> int:
     with open(log_path, "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "kubetune.localcluster", "up", "--dir", str(directory), "--network", network,
-             *(arg for image in images for arg in ("--image", image))],
+             *(arg for image in images for arg in ("--image", image)),
+             *(["--with-prometheus"] if with_prometheus else [])],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -207,8 +226,8 @@ def main(args: argparse.Namespace) -> int:
     if args.local_command == "up":
         directory.mkdir(parents=True, exist_ok=True)
         if args.detach:
-            return _up_detached(directory, args.network, args.image)
-        return _up_foreground(directory, args.network, args.image)
+            return _up_detached(directory, args.network, args.image, args.with_prometheus)
+        return _up_foreground(directory, args.network, args.image, args.with_prometheus)
     if args.local_command == "down":
         return _down(directory)
     return _status(directory)

@@ -228,8 +228,8 @@ class LocalCluster:
                 loop.add_signal_handler(sig, stop.set)
             await self.astart()
             try:
-                if on_ready is not None:
-                    on_ready(self)
+                if on_ready is not None:  # in a thread: it may take seconds, the node agent runs meanwhile
+                    await asyncio.to_thread(on_ready, self)
                 while not stop.is_set():
                     assert self.control_plane is not None
                     self.control_plane.check_running()

@@ -17,6 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 # Reads of one job and a few API calls: milliseconds, with the API server's latency on top.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HANDLERS = ("create", "resume", "pod_event", "tick", "progress")
+"""The ``handler`` label's values: exported at 0 from the start, so a rate of errors is 0, not
+absent, on an operator that has had none."""
 
 
 class OperatorMetrics:
@@ -52,6 +55,10 @@ class OperatorMetrics:
             names.JOB_LAST_STEP_TIMESTAMP, "When the job's optimizer step last moved (status.progress.stepTime).",
             job_labels, registry=self.registry,
         )
+        for handler in HANDLERS:
+            self.reconciles.labels(handler=handler)
+            self.reconcile_errors.labels(handler=handler)
+            self.reconcile_seconds.labels(handler=handler)
         self._phases: dict[tuple[str, str], str] = {}
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
