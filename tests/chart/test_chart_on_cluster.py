@@ -139,8 +139,12 @@ def test_prometheus_finds_the_operator_and_the_training_through_the_charts_monit
     selector = ",".join(f'{key}="{value}"' for key, value in job.items())
     [loss] = prometheus.query(f"last_over_time(kubetune_train_loss{{{selector}}}[1h])")
     assert loss["metric"]["attempt"] == "1" and loss["metric"]["pod"] == "quickstart-worker-0", loss
+    [info] = prometheus.query(f"last_over_time(kubetune_train_info{{{selector}}}[1h])")
+    assert info["metric"]["model_uri"] == "s3://models/tiny-llama/" and info["metric"]["rank"] == "0", info
     [phase] = prometheus.query(f"kubetune_job_phase{{{selector}}}")
     assert phase["metric"]["phase"] == "Succeeded" and phase["value"][1] == "1"
+    [waited] = prometheus.query("sum(kubetune_operator_time_to_first_step_seconds_count)")
+    assert float(waited["value"][1]) >= 1  # the acting replica saw the quickstart start and step
 
     # Every rule of the chart's PrometheusRule evaluates; a failed job fires KubetuneJobFailed.
     failing = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())

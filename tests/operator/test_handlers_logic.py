@@ -321,7 +321,7 @@ def test_job_events_keep_the_jobs_by_phase_gauge_and_free_a_deleted_jobs_lock() 
     for kind, name, uid, phase in ((None, "a", "a-uid", None), ("MODIFIED", "b", "b-uid", "Running"),
                                    ("DELETED", "a", "a-uid", None)):
         asyncio.run(handlers.finetunejob_event(type=kind, namespace="default", name=name, uid=uid,
-                                               status={"phase": phase} if phase else {}, memo=memo))
+                                               status={"phase": phase} if phase else {}, meta={}, memo=memo))
     registry = memo.metrics.registry
     assert registry.get_sample_value("kubetune_operator_jobs", {"phase": "Running"}) == 1
     assert registry.get_sample_value("kubetune_operator_jobs", {"phase": "Pending"}) == 0

@@ -95,3 +95,15 @@ def test_every_handler_is_exported_at_zero_before_it_runs() -> None:
     metrics = OperatorMetrics()
     assert all(_sample(metrics, "kubetune_operator_reconcile_errors_total", handler=h) == 0 for h in HANDLERS)
     assert set(HANDLERS) == set(re.findall(r'_sync\("(\w+)"', inspect.getsource(handlers)))
+
+
+def test_the_wait_for_the_first_step_is_timed_for_jobs_seen_starting() -> None:
+    metrics = OperatorMetrics()
+    created = "2026-12-01T10:00:00Z"
+    metrics.job_seen("ml", "new", {"phase": "Validating"}, created)
+    metrics.job_seen("ml", "new", {"phase": "Running", "progress": {"stepTime": "2026-12-01T10:00:42.0Z"}}, created)
+    metrics.job_seen("ml", "new", {"phase": "Running", "progress": {"stepTime": "2026-12-01T10:00:50.0Z"}}, created)
+    # A job already stepping when the operator (re)started: its first step was not seen.
+    metrics.job_seen("ml", "old", {"phase": "Running", "progress": {"stepTime": "2026-12-01T10:00:50.0Z"}}, created)
+    assert _sample(metrics, "kubetune_operator_time_to_first_step_seconds_count") == 1
+    assert _sample(metrics, "kubetune_operator_time_to_first_step_seconds_sum") == 42

@@ -20,6 +20,10 @@ PADDED_TOKENS_PER_SECOND = "kubetune_train_padded_tokens_per_second"
 SAMPLES_PER_SECOND = "kubetune_train_samples_per_second"
 CHECKPOINT_UPLOAD_SECONDS = "kubetune_train_checkpoint_upload_seconds"
 GPU_MAX_MEMORY_ALLOCATED_BYTES = "kubetune_train_gpu_max_memory_allocated_bytes"
+INFO = "kubetune_train_info"
+"""Gauge, always 1: what the run trains, as labels (model_uri, dataset_uri, adapter_uri,
+zero_stage), to join on the series above. The job, namespace, attempt and rank come from the
+scrape's target labels (the chart's PodMonitor), not from the trainer."""
 METRICS_PORT_NAME = "metrics"
 """The worker container's port that serves them (rank 0 only)."""
 
@@ -36,6 +40,10 @@ OPERATOR_PODS_CREATED = "kubetune_operator_pods_created"
 """Counter: worker and preflight pods created."""
 OPERATOR_SCRAPE_FAILURES = "kubetune_operator_progress_scrape_failures"
 """Counter: failed reads of a rank 0 /metrics endpoint."""
+
+OPERATOR_TIME_TO_FIRST_STEP = "kubetune_operator_time_to_first_step_seconds"
+"""Histogram: from a job's creation to the first optimizer step the operator saw (validation,
+scheduling, image pull, model and data download, compilation: what a user waits through)."""
 
 # Per job, from its status (labels ``namespace`` and JOB_LABEL): what alerts are about.
 JOB_LABEL = "finetunejob"

@@ -203,12 +203,12 @@ async def finetunejob_progress(namespace: str, name: str, uid: str, status: kopf
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def finetunejob_event(type: str | None, namespace: str, name: str, uid: str, status: kopf.Status,
-                            memo: kopf.Memo, **_: Any) -> None:
+                            meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     if type == "DELETED":
         memo.metrics.job_gone(namespace, name)
         memo.locks.pop(uid, None)
     else:
-        memo.metrics.job_seen(namespace, name, status)
+        memo.metrics.job_seen(namespace, name, status, meta.get("creationTimestamp"))
 
 
 # -- carrying out ------------------------------------------------------------------------------

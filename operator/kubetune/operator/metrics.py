@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 # Reads of one job and a few API calls: milliseconds, with the API server's latency on top.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A tiny CPU job steps within a minute; a large model on GPUs after its download, minutes to an hour.
+FIRST_STEP_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 HANDLERS = ("create", "resume", "pod_event", "tick", "progress")
 """The ``handler`` label's values: exported at 0 from the start, so a rate of errors is 0, not
 absent, on an operator that has had none."""
@@ -46,6 +48,11 @@ class OperatorMetrics:
             "Scrapes of a rank 0 /metrics endpoint that failed (unreachable or not Prometheus text).",
             registry=self.registry,
         )
+        self.time_to_first_step = Histogram(
+            names.OPERATOR_TIME_TO_FIRST_STEP,
+            "From a job's creation to the first optimizer step the operator saw (jobs it saw start).",
+            buckets=FIRST_STEP_BUCKETS, registry=self.registry,
+        )
         job_labels = ["namespace", names.JOB_LABEL]
         self.job_phase = Gauge(names.JOB_PHASE, "1 for the job's current status.phase.", [*job_labels, "phase"],
                                registry=self.registry)
@@ -60,13 +67,16 @@ class OperatorMetrics:
             self.reconcile_errors.labels(handler=handler)
             self.reconcile_seconds.labels(handler=handler)
         self._phases: dict[tuple[str, str], str] = {}
+        self._not_stepped: set[tuple[str, str]] = set()
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 
-    def job_seen(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        """Record a job's status (a job with no status yet counts as Pending)."""
+    def job_seen(self, namespace: str, name: str, status: Mapping[str, Any], created: str | None = None) -> None:
+        """Record a job's status (a job with no status yet counts as Pending). ``created``, the
+        job's creationTimestamp, times its first step when this operator saw it start."""
         phase = status.get("phase") or "Pending"
-        before = self._phases.get((namespace, name))
+        key = (namespace, name)
+        before = self._phases.get(key)
         if before is not None and before != phase:
             self.job_phase.remove(namespace, name, before)
         self._phases[(namespace, name)] = phase
@@ -75,9 +85,15 @@ class OperatorMetrics:
         stepped = parse_time((status.get("progress") or {}).get("stepTime"))
         if stepped is not None:
             self.job_last_step.labels(namespace, name).set(stepped.timestamp())
+            if key in self._not_stepped and (start := parse_time(created)) is not None:
+                self.time_to_first_step.observe(max(0.0, (stepped - start).total_seconds()))
+            self._not_stepped.discard(key)
+        elif before is None:
+            self._not_stepped.add(key)  # seen before its first step: its wait can be timed
         self._recount()
 
     def job_gone(self, namespace: str, name: str) -> None:
+        self._not_stepped.discard((namespace, name))
         phase = self._phases.pop((namespace, name), None)
         if phase is not None:
             self.job_phase.remove(namespace, name, phase)

@@ -70,6 +70,13 @@ class TrainMetrics:
             registry=r,
         ) if gpu else None
 
+        self.info = Gauge(names.INFO, "What this run trains; always 1.",
+                          ["model_uri", "dataset_uri", "adapter_uri", "zero_stage"], registry=r)
+
+    def describe_run(self, model_uri: str, dataset_uri: str, adapter_uri: str, zero_stage: int) -> None:
+        self.info.labels(model_uri=model_uri, dataset_uri=dataset_uri, adapter_uri=adapter_uri,
+                         zero_stage=str(zero_stage)).set(1)
+
     def serve(self, port: int) -> None:
         """Serve /metrics on every interface (the pod IP must be scrapable); port 0 = off."""
         if port:

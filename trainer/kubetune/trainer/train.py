@@ -801,6 +801,7 @@ def _start_metrics(config: TrainerConfig, topo: Topology) -> Any:
     from kubetune.trainer.metrics import TrainMetrics
 
     metrics = TrainMetrics(gpu=torch.cuda.is_available())
+    metrics.describe_run(config.model.uri, config.dataset.uri, config.output.adapter_uri, config.deepspeed.zero_stage)
     try:
         metrics.serve(config.metrics.port)
     except OSError as exc:
