@@ -143,6 +143,10 @@ def test_prometheus_finds_the_operator_and_the_training_through_the_charts_monit
     assert info["metric"]["model_uri"] == "s3://models/tiny-llama/" and info["metric"]["rank"] == "0", info
     [phase] = prometheus.query(f"kubetune_job_phase{{{selector}}}")
     assert phase["metric"]["phase"] == "Succeeded" and phase["value"][1] == "1"
+    # The jobs-by-phase gauge followed the job: Running while it ran, Succeeded now.
+    [running] = prometheus.query('max_over_time(max(kubetune_operator_jobs{phase="Running"})[1h:1s])')
+    [succeeded] = prometheus.query('max(kubetune_operator_jobs{phase="Succeeded"})')
+    assert running["value"][1] == "1" and succeeded["value"][1] == "1", (running, succeeded)
     [waited] = prometheus.query("sum(kubetune_operator_time_to_first_step_seconds_count)")
     assert float(waited["value"][1]) >= 1  # the acting replica saw the quickstart start and step
 

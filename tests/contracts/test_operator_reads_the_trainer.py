@@ -85,3 +85,14 @@ def test_any_other_trainer_failure_restarts_the_gang() -> None:
     status = _status(_worker(0, "Failed", 1, message), _worker(1, "Failed", 1, None))
 
     assert status["phase"] == "Restarting" and status["lastFailure"]["exitCode"] == 1
+
+
+def test_before_the_first_logged_step_loss_and_speed_are_no_value_not_zero() -> None:
+    """A scrape between the plan and the first log line: Prometheus stores NaN (no value), and
+    the job's progress shows the step count alone."""
+    metrics = TrainMetrics()
+    metrics.total_steps.set(30)
+    text = generate_latest(metrics.registry).decode()
+    assert "kubetune_train_loss NaN" in text and "kubetune_train_tokens_per_second NaN" in text
+    progress = derive_progress(text, None, NOW)
+    assert progress["display"] == "0/30" and "loss" not in progress and "tokensPerSecond" not in progress

@@ -85,3 +85,10 @@ def test_metrics_url_is_the_pod_ip_and_its_metrics_port() -> None:
     assert metrics_url(pod) == "http://10.244.0.7:9400/metrics"
     assert metrics_url({**pod, "status": {}}) is None  # not started yet
     assert metrics_url({"spec": {"containers": [{}]}, "status": {"podIP": "10.0.0.1"}}) is None
+
+
+def test_a_gauge_not_measured_yet_is_left_out_not_nan() -> None:
+    text = ("kubetune_train_step 3.0\nkubetune_train_total_steps 30.0\nkubetune_train_loss 2.5\n"
+            "kubetune_train_tokens_per_second NaN\n")
+    progress = derive_progress(text, None, datetime(2026, 1, 1, tzinfo=UTC))
+    assert progress["loss"] == 2.5 and "tokensPerSecond" not in progress

@@ -4,6 +4,8 @@
 - the trainer runs in a pod: never the operator or the local cluster;
 - the operator talks to the world through the Kubernetes API: never the local cluster or torch;
 - the local cluster is a Kubernetes, nothing more: never the operator or the trainer;
+- the job commands (`kubectl kubetune`, kubetune.cli.jobs) are a client: kubetune.api, kubectl and
+  boto3, never the operator, the trainer, the local cluster or kopf;
 - the operator's pure parts (builders, status, reconciler, progress) import neither kopf nor an
   API client.
 
@@ -29,6 +31,8 @@ RULES = {
     "trainer/kubetune/trainer": ("kubetune.operator", "kubetune.localcluster", "kubetune.cli", "kopf", "kubernetes"),
     "operator/kubetune/operator": ("kubetune.trainer", "kubetune.localcluster", "kubetune.cli", *HEAVY),
     "localcluster/kubetune/localcluster": ("kubetune.operator", "kubetune.trainer", "kubetune.cli", "kopf", *HEAVY),
+    "cli/kubetune/cli/jobs": ("kubetune.operator", "kubetune.trainer", "kubetune.localcluster", "kubetune.cli.demo",
+                              "kopf", "kubernetes", "aiohttp", *HEAVY),
 }
 PURE = ("manifests.py", "status.py", "reconcile.py", "progress.py", "settings.py")
 
@@ -75,3 +79,11 @@ def test_the_operator_entry_point_loads_no_torch_at_run_time() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     loaded = set(json.loads(result.stdout))
     assert {*HEAVY, "kubetune.trainer", "kubetune.localcluster"} & loaded == set()
+
+
+def test_the_kubectl_plugin_loads_no_component_and_no_boto3_until_s3_is_read() -> None:
+    code = ("import json, sys\nimport kubetune.cli.jobs\nkubetune.cli.jobs.parser()\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    loaded = set(json.loads(result.stdout))
+    assert {*HEAVY, "kopf", "boto3", "kubetune.operator", "kubetune.trainer", "kubetune.localcluster"} & loaded == set()

@@ -4,11 +4,14 @@
     kubetune operator [--namespace NS]              the kopf operator (in a cluster or against KUBECONFIG)
     kubetune trainer --config PATH                  the worker entry point (what torchrun starts)
     kubetune demo                                   local cluster + quickstart job to Succeeded, then stop
+    kubetune submit|status|logs|plot|adapter|wait   what users do with jobs; also `kubectl kubetune ...`
 
 Each subcommand imports its component only when chosen, and each component comes with its own
 extra (``pip install 'kubetune[operator]'``, ``[trainer]``, ``[local]``; ``[dev]`` is all of
 them): the operator image never has torch, and `kubetune local` never loads the operator or
-the trainer. A subcommand whose extra is missing says which to install.
+the trainer. The job commands (kubetune.cli.jobs, also the kubectl plugin `kubectl-kubetune`)
+need kubectl and, for what they read from S3, the ``[cli]`` extra. A subcommand whose extra is
+missing says which to install.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ _SUBCOMMANDS = {
               "run the local cluster (real Kubernetes control plane, a local node, S3)"),
     "operator": ("kubetune.operator.main", "operator", "run the FineTuneJob operator"),
     "demo": ("kubetune.cli.demo", "dev", "run examples/quickstart.yaml on a fresh local cluster to Succeeded"),
+    # What users do with jobs, the same commands as the kubectl plugin `kubectl kubetune`.
+    "submit": ("kubetune.cli.jobs.submit", "cli", "create a FineTuneJob from a manifest (-f) or from flags"),
+    "status": ("kubetune.cli.jobs.status", "cli", "a job's phase, progress, loss, restarts, cost, failure, adapter"),
+    "logs": ("kubetune.cli.jobs.logs", "cli", "a job's worker logs, [worker-K]-prefixed (-f; --from-s3)"),
+    "plot": ("kubetune.cli.jobs.plot", "cli", "a job's loss curve: the published loss.png and a sparkline"),
+    "adapter": ("kubetune.cli.jobs.adapter", "cli", "download and verify a job's adapter; how to load and serve it"),
+    "wait": ("kubetune.cli.jobs.wait", "cli", "wait for a job to end: exit 0 Succeeded, 1 Failed, 2 timeout"),
 }
 
 

@@ -8,6 +8,7 @@ progress (and its ETA) is kept as is, which also spares the API a patch per scra
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,9 @@ def parse_metrics(text: str) -> dict[str, float]:
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in METRIC_FIELDS:
+                # NaN: not measured yet (the trainer's gauges before their first log line); JSON
+                # and the status have no NaN, and NaN != NaN would patch the status every scrape.
+                if sample.name in METRIC_FIELDS and not math.isnan(float(sample.value)):
                     values[METRIC_FIELDS[sample.name]] = float(sample.value)
     except ValueError as error:
         raise MetricsParseError(f"not Prometheus text: {error}") from None
@@ -53,10 +56,11 @@ def derive_progress(metrics_text: str, previous: dict[str, Any] | None, now: dat
     previous = previous or {}
     step = min(int(values.get("step", 0)), total)
     progress: dict[str, Any] = {"step": step, "totalSteps": total, "display": f"{step}/{total}"}
-    if step > 0:  # before the first log line the loss and throughput gauges are still 0
+    if step > 0:  # before the first log line there is no loss or throughput to show
         progress["epoch"] = round(values.get("epoch", 0.0), 3)
-        progress["loss"] = round(values.get("loss", 0.0), 4)
-        progress["tokensPerSecond"] = round(values.get("tokensPerSecond", 0.0), 1)
+        for field, digits in (("loss", 4), ("tokensPerSecond", 1)):
+            if field in values:
+                progress[field] = round(values[field], digits)
     seen_step, seen_at = previous.get("step"), parse_time(previous.get("stepTime"))
     if seen_step == step and seen_at is not None:
         # No new step since the last change: keep its time and the ETA derived then.

@@ -70,6 +70,11 @@ class TrainMetrics:
             registry=r,
         ) if gpu else None
 
+        # Not measured before the first logged step: NaN (no value) rather than a 0 a dashboard
+        # or an alert would read as a measurement.
+        for gauge in (self.loss, self.learning_rate, self.grad_norm, self.tokens_per_second,
+                      self.padded_tokens_per_second, self.samples_per_second):
+            gauge.set(float("nan"))
         self.info = Gauge(names.INFO, "What this run trains; always 1.",
                           ["model_uri", "dataset_uri", "adapter_uri", "zero_stage"], registry=r)
 
