@@ -267,8 +267,11 @@ def test_the_dashboard_queries_only_exported_series_with_the_labels_the_monitors
     relabel = one(render(SWITCHES["pod-monitor"]), "PodMonitor")["spec"]["podMetricsEndpoints"][0]["relabelings"]
     assert {"sourceLabels": ["__meta_kubernetes_pod_label_kubetune_dev_job_name"],
             "targetLabel": metric_names.JOB_LABEL} in relabel
-    from kubetune.operator.manifests import JOB_NAME_LABEL
-    assert JOB_NAME_LABEL == "kubetune.dev/job-name"
+    from kubetune.api import labels
+    assert labels.JOB_NAME_LABEL == "kubetune.dev/job-name"
+    selector = one(render(SWITCHES["pod-monitor"]), "PodMonitor")["spec"]["selector"]["matchLabels"]
+    assert selector == {labels.MANAGED_BY_LABEL: labels.MANAGED_BY, labels.COMPONENT_LABEL: labels.WORKER,
+                        labels.REPLICA_INDEX_LABEL: "0"}
 
 
 def test_the_alerts_query_only_exported_series() -> None:

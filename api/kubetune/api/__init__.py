@@ -5,6 +5,8 @@
 - ``trainer_config``: the job as the trainer sees it (the ConfigMap the operator renders);
 - ``termination``: how a worker reports how it ended; ``metrics``: the series rank 0 serves;
 - ``resource``: the group, version and names, and the rules on a job's name.
+- ``labels``: the labels on the pods the operator creates, which tools and monitors select on;
+- ``logs``: where each worker's whole log is kept in S3.
 
 Pure: it imports neither kopf, torch nor a Kubernetes client, so every side can depend on it.
 """

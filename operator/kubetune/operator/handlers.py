@@ -33,9 +33,8 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from kubetune.api import FINAL_PHASES, GROUP, PLURAL, VERSION, JobRef
 from kubetune.operator.kube import Kube, NoCredentialsError, bearer_token, load_credentials, status_patch
-from kubetune.operator.manifests import (
-    ATTEMPT_LABEL, JOB_UID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REPLICA_INDEX_LABEL, owned_by,
-)
+from kubetune.api.labels import ATTEMPT_LABEL, JOB_UID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REPLICA_INDEX_LABEL
+from kubetune.operator.manifests import owned_by
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.progress import MetricsParseError, derive_progress, metrics_url
 from kubetune.operator.reconcile import (

@@ -12,6 +12,9 @@ import math
 from typing import Any
 
 from kubetune.api import metrics
+from kubetune.api.labels import (
+    JOB_NAME_LABEL, JOB_UID_LABEL, REPLICA_INDEX_LABEL, ATTEMPT_LABEL, COMPONENT_LABEL, WORKER, PREFLIGHT, MANAGED_BY_LABEL, MANAGED_BY, CONTAINER_NAME,
+)
 from kubetune.api.logs import ATTEMPT_ENV, POD_NAME_ENV
 from kubetune.api.resource import API_VERSION, KIND
 from kubetune.api.spec import CREDENTIAL_ENV, DEFAULT_TRAINER_IMAGE, GPU_RESOURCE, FineTuneJobSpec
@@ -19,15 +22,6 @@ from kubetune.api.trainer_config import CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, Job
 from kubetune.operator.settings import OperatorSettings
 
 RENDEZVOUS_PORT = 29500
-JOB_NAME_LABEL = "kubetune.dev/job-name"
-JOB_UID_LABEL = "kubetune.dev/job-uid"
-REPLICA_INDEX_LABEL = "kubetune.dev/replica-index"
-ATTEMPT_LABEL = "kubetune.dev/attempt"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-WORKER, PREFLIGHT = "worker", "preflight"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY = "kubetune"
-CONTAINER_NAME = "trainer"
 CREDENTIAL_KEYS = CREDENTIAL_ENV
 # Kueue's pod integration (https://kueue.sigs.k8s.io/docs/tasks/run/plain_pods/): a group of plain
 # pods is queued and admitted as one Workload, named after the group.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.termination import TerminationMessage
-from kubetune.operator.manifests import (
+from kubetune.api.labels import (
     ATTEMPT_LABEL, COMPONENT_LABEL, CONTAINER_NAME, PREFLIGHT, REPLICA_INDEX_LABEL, WORKER,
 )
 

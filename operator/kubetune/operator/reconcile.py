@@ -38,8 +38,9 @@ from kubetune.api import FINAL_PHASES, InvalidObjectError, JobRef, check_job_nam
 from kubetune.api.logs import attempt_logs_uri, worker_log_uri
 from kubetune.api.spec import FineTuneJobSpec, RunPolicy
 from kubetune.api.status import Phase
+from kubetune.api.labels import PREFLIGHT
 from kubetune.operator.manifests import (
-    PREFLIGHT, build_config_map, build_preflight_pod, build_worker_pod, build_workers, owned_by, pod_name,
+    build_config_map, build_preflight_pod, build_worker_pod, build_workers, owned_by, pod_name,
     trainer_config,
 )
 from kubetune.operator.pods import FailureReport, PodObservation, describe_failure, observe_pod

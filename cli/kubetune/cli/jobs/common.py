@@ -21,17 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.resource import PLURAL, GROUP
+from kubetune.api.labels import (  # noqa: F401  (the subcommands take them from here)
+    ATTEMPT_LABEL, COMPONENT_LABEL, CONTAINER_NAME, JOB_NAME_LABEL, JOB_UID_LABEL, REPLICA_INDEX_LABEL,
+)
+from kubetune.api.resource import GROUP, PLURAL
 
 RESOURCE = f"{PLURAL}.{GROUP}"
-JOB_NAME_LABEL = "kubetune.dev/job-name"
-JOB_UID_LABEL = "kubetune.dev/job-uid"
-REPLICA_INDEX_LABEL = "kubetune.dev/replica-index"
-ATTEMPT_LABEL = "kubetune.dev/attempt"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-CONTAINER = "trainer"
-"""The one container of a worker or preflight pod (kubetune.operator.manifests, which this
-plugin does not import: it only needs kubetune.api and kubectl)."""
+CONTAINER = CONTAINER_NAME
 
 
 class CommandError(Exception):
