@@ -126,7 +126,7 @@ def test_kubectl_delete_pod_of_a_worker_restarts_the_gang(stack):
 def test_backoff_limit_1_with_a_worker_that_always_dies_gives_two_attempts_then_failed(stack):
     kubectl = stack.kubectl
     kubectl.run("apply", "-f", "-", input=endless_job("doomed", spec__runPolicy={
-        "backoffLimit": 1, "ttlSecondsAfterFinished": 30}))
+        "backoffLimit": 1, "ttlSecondsAfterFinished": 90}))  # longer than the checks of the failed job below
     for attempt in (1, 2):
         wait_for(lambda: status_of(kubectl, "doomed").get("launched", {}).get("attempt") == attempt
                  and status_of(kubectl, "doomed").get("phase") == "Running", f"attempt {attempt} running")
@@ -147,7 +147,7 @@ def test_backoff_limit_1_with_a_worker_that_always_dies_gives_two_attempts_then_
     assert pods_of(kubectl, "doomed") == [] and status_of(kubectl, "doomed")["phase"] == "Failed"
     # The TTL deletes the job itself.
     wait_for(lambda: "doomed" not in kubectl.run("get", "ftj", "-o", "name").stdout, "doomed deleted by its TTL",
-             timeout=90)
+             timeout=150)
 
 
 def test_the_active_deadline_fails_the_job_and_stops_every_rank(stack):
