@@ -12,7 +12,7 @@ UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
-.PHONY: help install demo test test-fast lint crds chart bench bench-local clean
+.PHONY: help install demo test test-fast chaos lint crds chart bench bench-local bench-operator clean
 
 help: ## Show the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,7 +39,14 @@ $(VENV)/.prometheus: $(PROMETHEUS)/go.mod $(PROMETHEUS)/go.sum $(PROMETHEUS)/bui
 	$(PROMETHEUS)/build.sh $(BIN)
 	touch $@
 
-install: $(VENV)/.installed $(CONTROL_PLANE_STAMP) $(VENV)/.prometheus ## Create .venv with kubetune and everything its tests need; build the control plane and Prometheus.
+# kwok, of the version pinned in localcluster/kwok/go.mod: simulated nodes for the operator's
+# scale benchmark and the chaos tests.
+KWOK := localcluster/kwok
+$(VENV)/.kwok: $(KWOK)/go.mod $(KWOK)/go.sum $(KWOK)/build.sh | $(VENV)/.installed
+	$(KWOK)/build.sh $(BIN)
+	touch $@
+
+install: $(VENV)/.installed $(CONTROL_PLANE_STAMP) $(VENV)/.prometheus $(VENV)/.kwok ## Create .venv with kubetune and everything its tests need; build the control plane, Prometheus and kwok.
 
 # uv resolves this stack in seconds where pip backtracks for minutes; it lives inside the venv so
 # nothing outside the repository is touched. DS_BUILD_OPS=0: DeepSpeed compiles its CPU op lazily.
@@ -65,6 +72,9 @@ test-fast: install ## Unit tests only (no cluster, no training).
 	  tests/chart/test_chart.py tests/examples tests/localcluster/test_prometheus_config.py \
 	  --ignore=tests/operator/test_operator_on_cluster.py $(PYTEST_ARGS)
 
+chaos: install ## Every chaos row with its full number of trials (~40 min); prints the chaos table, writes .chaos/table.json.
+	KUBETUNE_CHAOS=full KUBETUNE_CHAOS_REPORT=.chaos/table.json $(BIN)/pytest tests/chaos $(PYTEST_ARGS)
+
 crds: install ## Regenerate crds/finetunejob.yaml (and the chart's copy) from the types in api/kubetune/api/.
 	$(BIN)/python -m kubetune.api.crd crds/finetunejob.yaml
 	cp crds/finetunejob.yaml charts/kubetune/files/crds/finetunejob.yaml
@@ -81,6 +91,9 @@ bench: install ## Trainer benchmark vs HF Trainer and a bare loop (~45 min; writ
 bench-local: install ## Local cluster benchmark: `local up` time and idle memory vs etcd + apiserver alone (~3 min).
 	$(BIN)/python benchmarks/localcluster_bench.py $(BENCH_ARGS)
 
+bench-operator: install ## Operator at scale: 100, 300 and 1000 jobs on kwok nodes vs the Job controller (~30 min; writes BENCHMARKS.md).
+	$(BIN)/python benchmarks/operator_bench.py $(BENCH_ARGS)
+
 clean: ## Stop a local cluster left running and remove build leftovers.
 	-$(BIN)/kubetune local down
-	rm -rf .kubetune .pytest_cache .bench
+	rm -rf .kubetune .pytest_cache .bench .chaos

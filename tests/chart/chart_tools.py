@@ -22,8 +22,8 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "network-policy": {"networkPolicy": {"enabled": True, "workerNamespaces": ["ml"],
                                          "s3CIDRs": ["10.0.0.0/8"], "apiServerCIDRs": ["10.96.0.1/32"]}},
     "crds-off": {"crds": {"enabled": False}},
-    "peering-replicas": {"replicaCount": 2},
-    "namespaced-peering": {"scope": "Namespace", "replicaCount": 3},
+    "replicas": {"replicaCount": 2},
+    "namespaced-replicas": {"scope": "Namespace", "replicaCount": 3},
 }
 
 

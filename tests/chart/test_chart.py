@@ -158,24 +158,27 @@ def test_the_operator_pod_meets_pod_security_restricted() -> None:
     assert all("hostPath" not in volume for volume in pod["volumes"])
 
 
-def test_one_replica_is_recreated_several_coordinate_through_peering() -> None:
+def test_one_replica_is_recreated_several_elect_a_leader_through_a_lease() -> None:
     single = render()
     assert one(single, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
-    assert "--peering=kubetune" not in operator_container(single)["args"]
-    assert of_kind(single, "ClusterKopfPeering") == []
+    assert operator_container(single)["args"] == ["operator"]
+    assert [role["metadata"]["name"] for role in of_kind(single, "Role")] == []
 
-    several = render(SWITCHES["peering-replicas"])
+    several = render(SWITCHES["replicas"])
     assert "strategy" not in one(several, "Deployment")["spec"]
-    assert operator_container(several)["args"] == ["operator", "--peering=kubetune"]
-    assert one(several, "ClusterKopfPeering")["metadata"]["name"] == "kubetune"
-    peering_rule = [r for r in one(several, "ClusterRole")["rules"] if r["apiGroups"] == ["kopf.dev"]]
-    assert peering_rule == [{"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
-                             "verbs": ["get", "list", "watch", "patch"]}]
-    crds = list(yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text()))
-    assert {crd["spec"]["names"]["kind"] for crd in crds} == {"ClusterKopfPeering", "KopfPeering"}
+    assert operator_container(several)["args"] == ["operator", "--leader-elect=kubetune"]
+    assert env_of(operator_container(several))["POD_NAMESPACE"] is None  # from the downward API
+    election = one(several, "Role")
+    assert election["metadata"]["namespace"] == NAMESPACE  # the Lease is in the release's namespace
+    assert election["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["kubetune"],
+         "verbs": ["get", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]}]
+    assert {binding["roleRef"]["name"] for binding in of_kind(several, "RoleBinding")} == {election["metadata"]["name"]}
 
-    namespaced = render(SWITCHES["namespaced-peering"])
-    assert one(namespaced, "KopfPeering")["metadata"]["namespace"] == NAMESPACE
+    namespaced = render(SWITCHES["namespaced-replicas"])
+    assert {role["metadata"]["name"] for role in of_kind(namespaced, "Role")} == {"kubetune",
+                                                                                    "kubetune-leader-election"}
 
 
 def test_settings_come_from_values() -> None:
@@ -222,9 +225,13 @@ def test_rbac_is_least_privilege(switch: str) -> None:
         for rule in role["rules"]:
             assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"], rule
             assert not {"secrets", "pods/exec", "pods/attach", "pods/portforward"} & set(rule["resources"]), rule
-            assert not {"escalate", "bind", "impersonate", "update"} & set(rule["verbs"]), rule
-        granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
-        assert ("pods/log", "get") in granted and ("finetunejobs/status", "patch") in granted
+            assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
+            # The one update: the replicas' own Lease, by name.
+            assert "update" not in rule["verbs"] or (rule["resources"] == ["leases"] and rule.get("resourceNames")), rule
+        if role["metadata"]["name"] == "kubetune":
+            granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"]
+                       for verb in rule["verbs"]}
+            assert ("pods/log", "get") in granted and ("finetunejobs/status", "patch") in granted
 
 
 # -- monitoring --------------------------------------------------------------------------------

@@ -47,9 +47,6 @@ def cluster(tmp_path_factory):
 
 def test_every_object_of_every_switch_is_accepted_by_the_api_server(cluster) -> None:
     _, kubectl, _ = cluster
-    kubectl.run("apply", "--server-side", "-f", str(CHART / "crds" / "kopf-peering.yaml"))
-    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev",
-                "crd/kopfpeerings.kopf.dev")
     for switch, values in SWITCHES.items():
         objects = render(values)
         documents = yaml.safe_dump_all(objects)
@@ -94,7 +91,7 @@ def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cl
                 f"--from-literal=AWS_ACCESS_KEY_ID={DEMO_ACCESS_KEY}",
                 f"--from-literal=AWS_SECRET_ACCESS_KEY={DEMO_SECRET_KEY}")
     config = helm.Config(kubeconfig_path=info.kubeconfig, namespace=NAMESPACE)
-    # Two replicas: they agree through kopf's peering object that one of them acts.
+    # Two replicas: they elect the one that acts through a Lease.
     # The monitors and alerts too: the local Prometheus reads them as prometheus-operator would.
     release = config.install(str(CHART), RELEASE, namespace=NAMESPACE, wait="watcher", timeout=180, values={
         "replicaCount": 2, "operator": {"s3Endpoint": info.s3_cluster_endpoint},
@@ -105,9 +102,8 @@ def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cl
     pods = kubectl.json("get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator")["items"]
     assert len(pods) == 2 and {pod["spec"]["serviceAccountName"] for pod in pods} == {"kubetune"}
     names = sorted(pod["metadata"]["name"] for pod in pods)
-    peers = wait_for(lambda: len((kubectl.json("get", "clusterkopfpeering", RELEASE).get("status") or {})) == 2
-                     and kubectl.json("get", "clusterkopfpeering", RELEASE)["status"], "both replicas in the peering")
-    assert sorted(peers) == names
+    acting = wait_for(lambda: _lease_holder(kubectl), "a replica holding the Lease")
+    assert acting in names
 
     quickstart = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     quickstart["metadata"]["namespace"] = JOBS
@@ -117,9 +113,8 @@ def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cl
     assert job["status"]["phase"] == "Succeeded", job["status"]
 
     # A chart's pod did it, under the chart's ServiceAccount, and only one of the two: the
-    # older, by the priorities in the peering object. Its name is on every Event of the job.
+    # Lease's holder. Its name is on every Event of the job.
     events = kubectl.json("get", "events", "-n", JOBS, "--field-selector", "involvedObject.name=quickstart")["items"]
-    acting = max(peers, key=lambda name: peers[name]["priority"])
     assert {event.get("reportingInstance") for event in events} == {acting}
     for name in names:
         logs = kubectl.run("logs", "-n", NAMESPACE, f"pod/{name}").stdout
@@ -186,12 +181,12 @@ def test_prometheus_finds_the_operator_and_the_training_through_the_charts_monit
 
 def test_a_rule_taken_away_is_the_forbidden_the_operator_reports(cluster) -> None:
     _, kubectl, _ = cluster
-    # The acting replica goes (an upgrade, a drained node): the one standing by takes over.
-    peers = kubectl.json("get", "clusterkopfpeering", RELEASE)["status"]
-    acting, standby = sorted(peers, key=lambda name: peers[name]["priority"], reverse=True)
+    # The acting replica goes (an upgrade, a drained node): it gives the Lease up on its way
+    # out, and the one standing by takes over.
+    acting = _lease_holder(kubectl)
     kubectl.run("delete", "pod", acting, "-n", NAMESPACE, "--wait=false")
-    wait_for(lambda: acting not in (kubectl.json("get", "clusterkopfpeering", RELEASE).get("status") or {}),
-             "the acting replica to leave the peering", timeout=90)
+    standby = wait_for(lambda: (lambda holder: holder if holder not in (None, acting) else None)(
+        _lease_holder(kubectl)), "the standby replica holding the Lease", timeout=90)
 
     role = kubectl.json("get", "clusterrole", RELEASE)
     granted = json.loads(json.dumps(role))
@@ -224,6 +219,15 @@ def test_a_rule_taken_away_is_the_forbidden_the_operator_reports(cluster) -> Non
     wait_for(lambda: kubectl.run("get", "pod", "forbidden-preflight", "-n", JOBS, check=False).returncode == 0,
              "the preflight pod, once the rule is back", timeout=60)
     kubectl.run("delete", "ftj", "forbidden", "-n", JOBS, "--wait=false")
+
+
+def _lease_holder(kubectl: Kubectl) -> str | None:
+    """The pod that holds the replicas' Lease (its identity is the pod's name and a suffix)."""
+    result = kubectl.run("get", "lease", RELEASE, "-n", NAMESPACE, "-o", "json", check=False)
+    if result.returncode != 0:
+        return None
+    holder = json.loads(result.stdout)["spec"].get("holderIdentity") or ""
+    return holder.rsplit("_", 1)[0] or None
 
 
 def test_helm_uninstall_keeps_the_crd_and_the_jobs(cluster) -> None:

@@ -125,8 +125,7 @@ def test_kubectl_delete_pod_of_a_worker_restarts_the_gang(stack):
 
 def test_backoff_limit_1_with_a_worker_that_always_dies_gives_two_attempts_then_failed(stack):
     kubectl = stack.kubectl
-    kubectl.run("apply", "-f", "-", input=endless_job("doomed", spec__runPolicy={
-        "backoffLimit": 1, "ttlSecondsAfterFinished": 90}))  # longer than the checks of the failed job below
+    kubectl.run("apply", "-f", "-", input=endless_job("doomed", spec__runPolicy={"backoffLimit": 1}))
     for attempt in (1, 2):
         wait_for(lambda: status_of(kubectl, "doomed").get("launched", {}).get("attempt") == attempt
                  and status_of(kubectl, "doomed").get("phase") == "Running", f"attempt {attempt} running")
@@ -145,9 +144,7 @@ def test_backoff_limit_1_with_a_worker_that_always_dies_gives_two_attempts_then_
     wait_for(lambda: not pods_of(kubectl, "doomed"), "doomed's pods gone", timeout=120)
     time.sleep(12)  # two of the operator's ticks
     assert pods_of(kubectl, "doomed") == [] and status_of(kubectl, "doomed")["phase"] == "Failed"
-    # The TTL deletes the job itself.
-    wait_for(lambda: "doomed" not in kubectl.run("get", "ftj", "-o", "name").stdout, "doomed deleted by its TTL",
-             timeout=150)
+    kubectl.run("delete", "ftj", "doomed", "--wait=false")  # (a TTL's deletion: test_operator_on_cluster.py)
 
 
 def test_the_active_deadline_fails_the_job_and_stops_every_rank(stack):

@@ -39,6 +39,7 @@ class FakeKube:
         self.refuse: dict[str, tuple[int, str]] = {}  # kind -> (status, message)
         self.deleted: list[str] = []
         self.logs: dict[str, str] = {}
+        self.reads = 0
 
     def create(self, obj: dict[str, Any]) -> None:
         key = (obj["kind"], obj["metadata"]["name"])
@@ -55,12 +56,15 @@ class FakeKube:
         return copy.deepcopy(self.objects.get((kind, name)))
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
         return copy.deepcopy(self.job)
 
-    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> str:
         assert self.job is not None
         self.status_patches.append(copy.deepcopy(patch))
         self.job["status"] = merge(self.job.get("status") or {}, patch)
+        version = self.job["metadata"]["resourceVersion"] = str(int(self.job["metadata"].get("resourceVersion", 1)) + 1)
+        return version
 
     def delete_pod(self, namespace: str, name: str, uid: str) -> None:
         pod = self.objects.get(("Pod", name))
@@ -121,21 +125,21 @@ def memo_for(kube: FakeKube, settings: OperatorSettings | None = None) -> kopf.M
     return kopf.Memo(kube=kube, settings=settings or OperatorSettings(), metrics=OperatorMetrics(), locks={})
 
 
-def sync(memo: kopf.Memo, handler: str = "pod_event", retry: bool = False) -> None:
+def sync(memo: kopf.Memo, handler: str = "pod_event") -> handlers.Synced | None:
     pods = {UID: memo.kube.pods()}
-    asyncio.run(handlers._sync(handler, "default", "quickstart", UID, pods, memo, LOG, retry=retry))
+    return asyncio.run(handlers._sync(handler, "default", "quickstart", UID, pods, memo, LOG))
 
 
 def launch(memo: kopf.Memo) -> None:
     """Through the preflight to the gang's creation."""
-    sync(memo, "create", retry=True)
+    sync(memo, "create")
     memo.kube.set_pod(-1, "Succeeded", exit_code=0)
     sync(memo)
 
 
 def test_first_passes_validate_then_create_the_gang_and_post_each_step(kube: FakeKube) -> None:
     memo = memo_for(kube)
-    sync(memo, "create", retry=True)
+    sync(memo, "create")
     assert sorted(kube.objects) == [("ConfigMap", "quickstart-trainer-config"), ("Pod", "quickstart-preflight")]
     assert kube.job["status"]["phase"] == "Validating"
     kube.set_pod(-1, "Succeeded", exit_code=0)
@@ -152,7 +156,7 @@ def test_a_second_pass_after_a_crash_finds_its_own_children_and_goes_on(kube: Fa
     memo = memo_for(kube)
     launch(memo)
     kube.job["status"] = {"phase": "Validating"}  # the pass created the gang, then died before writing status
-    sync(memo, "resume", retry=True)
+    sync(memo, "resume")
     assert len(kube.objects) == 5 and kube.job["status"]["phase"] == "Pending"
 
 
@@ -185,15 +189,15 @@ def test_a_name_held_by_an_earlier_jobs_pod_is_waited_for_then_taken(kube: FakeK
     kube.objects[("Pod", "quickstart-worker-1")] = {"kind": "Pod", "metadata": {
         "name": "quickstart-worker-1", "deletionTimestamp": "2026-01-01T00:00:00Z",
         "ownerReferences": [{"uid": "old", "controller": True}]}}
-    sync(memo, "create", retry=True)
+    sync(memo, "create")
     kube.set_pod(-1, "Succeeded", exit_code=0)
-    with pytest.raises(kopf.TemporaryError, match="waiting for Pod quickstart-worker-1 of FineTuneJob uid old"):
-        sync(memo, "resume", retry=True)
+    synced = sync(memo, "resume")
+    assert "waiting for Pod quickstart-worker-1 of FineTuneJob uid old" in synced.blocked  # retried soon
     assert kube.job["status"]["phase"] == "Validating" and "waiting for Pod" in kube.job["status"]["message"]
     assert "launched" not in kube.job["status"]
 
     del kube.objects[("Pod", "quickstart-worker-1")]  # the old pod is gone at last
-    sync(memo, "resume", retry=True)
+    sync(memo, "resume")
     workers = [pod for pod in kube.pods() if pod["metadata"]["name"] != "quickstart-preflight"]
     owners = {pod["metadata"]["ownerReferences"][0]["uid"] for pod in workers}
     assert owners == {UID} and len(workers) == 2
@@ -202,9 +206,9 @@ def test_a_name_held_by_an_earlier_jobs_pod_is_waited_for_then_taken(kube: FakeK
 def test_a_child_the_api_refuses_fails_the_job_without_retrying(kube: FakeKube) -> None:
     memo = memo_for(kube)
     kube.refuse["Service"] = (422, 'Service "quickstart-workers" is invalid: spec.ports[0].port: Invalid value')
-    sync(memo, "create", retry=True)
+    sync(memo, "create")
     kube.set_pod(-1, "Succeeded", exit_code=0)
-    sync(memo, "resume", retry=True)  # no TemporaryError: a retry would be refused the same way
+    assert sync(memo, "resume").blocked is None  # not retried: a retry would be refused the same way
     assert kube.job["status"]["phase"] == "Failed"
     assert kube.events[-1][:2] == ("Warning", "ChildRefused")
     assert "spec.ports[0].port: Invalid value" in kube.job["status"]["message"]
@@ -217,9 +221,8 @@ def test_a_permission_the_operator_lacks_is_reported_and_waited_for_not_failed(k
                  'cannot create resource "pods" in API group "" in the namespace "default"')
     kube.refuse["Pod"] = (403, forbidden)
     for _ in range(3):
-        with pytest.raises(kopf.TemporaryError, match="the operator may not create Pod quickstart-preflight"):
-            sync(memo, "create", retry=True)
-        sync(memo, "tick")  # the timer retries as well, quietly
+        assert "the operator may not create Pod quickstart-preflight" in sync(memo, "create").blocked
+        sync(memo, "tick")  # the tick retries as well, quietly
     status = kube.job["status"]
     assert status["phase"] == "Validating" and forbidden in status["message"]
     assert "grant its service account this permission" in status["message"]
@@ -231,11 +234,11 @@ def test_a_permission_the_operator_lacks_is_reported_and_waited_for_not_failed(k
     assert "forbidden" not in kube.job["status"]["message"]
 
 
-def test_an_unwell_api_is_raised_for_kopf_to_retry_and_counted(kube: FakeKube) -> None:
+def test_an_unwell_api_is_raised_for_the_worker_to_retry_and_counted(kube: FakeKube) -> None:
     memo = memo_for(kube)
     kube.refuse["ConfigMap"] = (500, "etcdserver: request timed out")
     with pytest.raises(ApiException):
-        sync(memo, "create", retry=True)
+        sync(memo, "create")
     registry = memo.metrics.registry
     assert registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"handler": "create"}) == 1
     assert "status" not in kube.job
@@ -269,10 +272,12 @@ def _serve_trainer_metrics(step: int) -> int:
 
 
 async def _scrape(memo: kopf.Memo) -> None:
+    """A tick of a job that was Running when it was queued, as a worker makes it."""
+    seen = handlers.Seen(generation=1, phase="Running", attempt=memo.kube.job["status"]["launched"]["attempt"],
+                         ttl=False)
+    memo.indexes = {"pods_by_job": {UID: memo.kube.pods()}}
     async with aiohttp.ClientSession(trust_env=False) as memo.http:
-        await handlers.finetunejob_progress(namespace="default", name="quickstart", uid=UID,
-                                            status=memo.kube.job["status"], memo=memo,
-                                            pods_by_job={UID: memo.kube.pods()}, logger=LOG)
+        await handlers._pass(handlers.JobKey("default", "quickstart", UID), "tick", seen, memo, LOG)
 
 
 def _running(kube: FakeKube, settings: OperatorSettings) -> kopf.Memo:
@@ -316,25 +321,68 @@ def test_a_job_that_finished_while_scraped_is_not_written(kube: FakeKube) -> Non
     assert len(kube.status_patches) == patches
 
 
-def test_job_events_keep_the_jobs_by_phase_gauge_and_free_a_deleted_jobs_lock() -> None:
-    memo = kopf.Memo(metrics=OperatorMetrics(), locks={"a-uid": asyncio.Lock()})
-    for kind, name, uid, phase in ((None, "a", "a-uid", None), ("MODIFIED", "b", "b-uid", "Running"),
-                                   ("DELETED", "a", "a-uid", None)):
-        asyncio.run(handlers.finetunejob_event(type=kind, namespace="default", name=name, uid=uid,
-                                               status={"phase": phase} if phase else {}, meta={}, memo=memo))
+def test_job_events_keep_the_jobs_by_phase_gauge_queue_new_and_changed_jobs_and_forget_deleted_ones() -> None:
+    async def events() -> kopf.Memo:
+        memo = kopf.Memo(metrics=OperatorMetrics(), locks={"a-uid": asyncio.Lock()}, jobs={}, failures={},
+                         queue=handlers.WorkQueue(), indexes={})
+        for kind, name, uid, phase, generation in (
+                (None, "a", "a-uid", None, 1), ("ADDED", "b", "b-uid", "Running", 1),
+                ("MODIFIED", "b", "b-uid", "Running", 1), ("DELETED", "a", "a-uid", None, 1),
+                ("MODIFIED", "b", "b-uid", "Suspended", 2)):
+            await handlers.finetunejob_event(type=kind, body={"metadata": {"name": name}}, namespace="default",
+                                             name=name, uid=uid, spec={},
+                                             status={"phase": phase} if phase else {},
+                                             meta={"generation": generation}, memo=memo, pods_by_job={})
+            if kind in (None, "ADDED"):  # found at start-up, created
+                assert await memo.queue.get() == (handlers.JobKey("default", name, uid),
+                                                  "resume" if kind is None else "create")
+        return memo
+
+    memo = asyncio.run(events())
     registry = memo.metrics.registry
-    assert registry.get_sample_value("kubetune_operator_jobs", {"phase": "Running"}) == 1
-    assert registry.get_sample_value("kubetune_operator_jobs", {"phase": "Pending"}) == 0
-    assert memo.locks == {}
+    assert registry.get_sample_value("kubetune_operator_jobs", {"phase": "Suspended"}) == 1
+    assert registry.get_sample_value("kubetune_operator_jobs", {"phase": "Running"}) == 0
+    assert memo.locks == {} and set(memo.jobs) == {"b-uid"}
+    # Our own status write (same generation) queued nothing; the spec change (generation 2) did.
+    assert list(memo.queue._due.items()) == [(handlers.JobKey("default", "b", "b-uid"), (pytest.approx(
+        memo.queue._due[handlers.JobKey("default", "b", "b-uid")][0]), "update"))]
 
 
-def test_timers_do_not_log_every_success() -> None:
+def test_passes_read_the_watched_job_but_never_one_older_than_their_own_last_write(kube: FakeKube) -> None:
+    memo = memo_for(kube)
+    memo.update(jobs={}, indexes={}, failures={}, queue=handlers.WorkQueue())
+    key = handlers.JobKey("default", "quickstart", UID)
+
+    async def deliver() -> None:  # the watch delivers the job as it is now
+        job = copy.deepcopy(kube.job)
+        await handlers.finetunejob_event(type="MODIFIED", body=job, namespace="default", name="quickstart", uid=UID,
+                                         spec=job["spec"], status=job.get("status", {}), meta=job["metadata"],
+                                         memo=memo, pods_by_job={UID: kube.pods()})
+
+    async def scenario() -> None:
+        await deliver()
+        await handlers._pass(key, "create", memo.jobs[UID], memo, LOG)
+        assert kube.reads == 0 and kube.job["status"]["phase"] == "Validating"  # read from the watch's copy
+        kube.set_pod(-1, "Succeeded", exit_code=0)
+        memo.indexes["pods_by_job"] = {UID: kube.pods()}  # as kopf's index follows the pods
+        await handlers._pass(key, "pod_event", memo.jobs[UID], memo, LOG)
+        assert kube.reads == 1  # its write is not delivered yet: read afresh, and it launches
+        assert kube.job["status"]["phase"] == "Pending"
+        await deliver()  # an event older than that write (or the write itself) decides when the cache is good
+        await handlers._pass(key, "tick", memo.jobs[UID], memo, LOG)
+        assert kube.reads == 1
+        assert [pod["metadata"]["name"] for pod in kube.pods()].count("quickstart-worker-0") == 1
+
+    asyncio.run(scenario())
+
+
+def test_handlers_do_not_log_every_success() -> None:
     def record(message: str, level: int = logging.INFO) -> logging.LogRecord:
         return logging.LogRecord("kopf.objects", level, __file__, 1, message, None, None)
 
-    assert not handlers._quiet_timers(record("Timer 'finetunejob_progress' succeeded."))
-    assert handlers._quiet_timers(record("Handler 'finetunejob_create' succeeded."))
-    assert handlers._quiet_timers(record("Timer 'finetunejob_progress' failed", logging.ERROR))
+    assert not handlers._quiet_handlers(record("Handler 'worker_pod_event' succeeded."))
+    assert handlers._quiet_handlers(record("Handler 'worker_pod_event' failed", logging.ERROR))
+    assert handlers._quiet_handlers(record("job default/a is Running: all 2 workers run"))
 
 
 def test_a_status_patch_names_what_changed_and_removes_what_no_longer_holds() -> None:

@@ -9,10 +9,10 @@ from kubetune.operator import main as entry
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], {"namespace": None, "peering": None, "liveness_port": None, "metrics_port": None}),
+        ([], {"namespace": None, "leader_elect": None, "liveness_port": None, "metrics_port": None}),
         (
-            ["-n", "ml", "--peering", "kubetune", "--liveness-port", "8080", "--metrics-port", "0"],
-            {"namespace": "ml", "peering": "kubetune", "liveness_port": 8080, "metrics_port": 0},
+            ["-n", "ml", "--leader-elect", "kubetune", "--liveness-port", "8080", "--metrics-port", "0"],
+            {"namespace": "ml", "leader_elect": "kubetune", "liveness_port": 8080, "metrics_port": 0},
         ),
     ],
 )
@@ -34,15 +34,18 @@ def test_run_watches_the_given_namespace_or_all(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("KUBETUNE_NAMESPACE", "from-env")
     monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
     entry.run()
-    entry.run(namespace="ml", peering="kubetune")
+    entry.run(namespace="ml", leader_elect="kubetune")
     monkeypatch.setenv("KUBETUNE_NAMESPACE", "")
-    entry.run()
+    monkeypatch.setenv("POD_NAMESPACE", "kubetune-system")
+    entry.run(leader_elect="kubetune")
     assert [(call["clusterwide"], list(call["namespaces"]), call["standalone"]) for call in seen] == [
         (False, ["from-env"], True),
-        (False, ["ml"], False),
+        (False, ["ml"], True),
         (True, [], True),
     ]
-    assert seen[1]["peering_name"] == "kubetune" and "peering_name" not in seen[0]
+    # The Lease lives in the operator's own namespace when it runs in a pod, else the watched one.
+    assert [(call["memo"].lease, call["memo"].lease_namespace) for call in seen] == [
+        (None, "from-env"), ("kubetune", "ml"), ("kubetune", "kubetune-system")]
     # The handlers get their settings through kopf's memo, not a module global.
     assert [call["memo"].settings.namespace for call in seen] == ["from-env", "ml", None]
 
@@ -87,16 +90,3 @@ def test_a_taken_metrics_port_exits_with_one_clear_line(
         port = taken.getsockname()[1]
         assert entry.main(parser.parse_args(["--metrics-port", str(port)])) == 2
     assert f"cannot serve metrics on port {port}" in capsys.readouterr().err
-
-
-def test_the_oldest_replica_has_the_highest_peering_priority(monkeypatch: pytest.MonkeyPatch) -> None:
-    """kopf pauses an operator that sees a peer of higher priority: the replica started first
-    keeps acting while later ones stand by."""
-    import kopf
-
-    seen: list[dict] = []
-    monkeypatch.setattr(kopf, "run", lambda **kwargs: seen.append(kwargs))
-    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
-    entry.run(peering="kubetune")
-    entry.run(peering="kubetune")
-    assert seen[0]["priority"] > seen[1]["priority"]

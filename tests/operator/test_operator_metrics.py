@@ -94,7 +94,8 @@ def test_every_handler_is_exported_at_zero_before_it_runs() -> None:
 
     metrics = OperatorMetrics()
     assert all(_sample(metrics, "kubetune_operator_reconcile_errors_total", handler=h) == 0 for h in HANDLERS)
-    assert set(HANDLERS) == set(re.findall(r'_sync\("(\w+)"', inspect.getsource(handlers)))
+    queueing = [line for line in inspect.getsource(handlers).splitlines() if "queue.add(" in line]
+    assert set(HANDLERS) == {reason for line in queueing for reason in re.findall(r'"([a-z_]+)"', line)}
 
 
 def test_the_wait_for_the_first_step_is_timed_for_jobs_seen_starting() -> None:

@@ -39,7 +39,7 @@ def test_quickstart_renders_the_whole_resolved_config() -> None:
                    "keepCheckpoints": 2, "overwrite": False},
         "qualityGate": {"maxEvalLoss": None},
         "storage": {"endpoint": "http://s3.kubetune-system.svc.cluster.local:9000", "region": "us-east-1",
-                    "credentialsSecret": "s3-credentials"},
+                    "credentialsSecret": "s3-credentials", "checksums": "when_required"},
         "metrics": {"port": 9400},
     }
 
@@ -48,6 +48,14 @@ def test_job_endpoint_wins_over_operator_default() -> None:
     spec = parse_spec(minimal_spec(storage={"endpoint": "https://s3.example", "region": "eu-west-1"}))
     storage = trainer_config(QUICKSTART, spec, OperatorSettings(s3_endpoint="http://local:9000")).storage
     assert (storage.endpoint, storage.region) == ("https://s3.example", "eu-west-1")
+
+
+def test_the_checksum_setting_reaches_the_trainer() -> None:
+    default = trainer_config(QUICKSTART, parse_spec(minimal_spec()), OperatorSettings()).storage
+    assert default.checksums == "when_required"  # what every S3-compatible store takes
+    spec = parse_spec(minimal_spec(storage={"checksums": "when_supported"}))
+    text = build_config_map(QUICKSTART, spec, OperatorSettings())["data"]["config.yaml"]
+    assert parse_config(yaml.safe_load(text)).storage.checksums == "when_supported"
 
 
 def test_no_endpoint_anywhere_means_aws() -> None:

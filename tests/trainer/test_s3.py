@@ -121,11 +121,19 @@ def test_publish_stages_verifies_copies_then_writes_the_manifest_last(client, s3
     recorder = RecordingClient(client)
     published = publish_adapter(recorder, _adapter(tmp_path), _config(bucket), {"finalLoss": 1.5, "steps": 3})
 
-    kinds = [kind for kind, _ in recorder.writes]
+    # The publish lock beside adapterUri: taken before the first change under it, renewed before
+    # each, released after the manifest (tests/chaos/test_s3_faults.py races two publishers).
+    locking = [index for index, (_, key) in enumerate(recorder.writes) if key == "out.staging-lock"]
+    assert [recorder.writes[index][0] for index in locking] == ["put_object"] * 5 + ["delete_object"]
+    writes = [write for index, write in enumerate(recorder.writes) if index not in locking]
+    kinds = [kind for kind, _ in writes]
     assert kinds == ["upload_file", "upload_file", "copy", "copy", "put_object", "delete_objects"], recorder.writes
+    assert [kind for kind, _ in recorder.writes[locking[0] - 2: locking[-1] + 1]] == [
+        "upload_file", "upload_file", "put_object", "put_object", "put_object", "copy", "put_object", "copy",
+        "put_object", "put_object", "delete_object"]
     staged = [key for kind, key in recorder.writes if kind == "upload_file"]
     assert all(key.startswith("out.staging-") for key in staged)  # beside adapterUri, not inside it
-    assert [key for kind, key in recorder.writes if kind in ("copy", "put_object")] == [
+    assert [key for kind, key in writes if kind in ("copy", "put_object")] == [
         "out/adapter_config.json", "out/adapter_model.safetensors", "out/manifest.json"]
     assert sorted(recorder.writes[-1][1]) == sorted(staged)
     listed = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}

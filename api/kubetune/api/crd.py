@@ -57,7 +57,9 @@ def _text(doc: str | None) -> str | None:
 
 
 def _validations(rules: tuple[Rule, ...]) -> list[dict[str, str]]:
-    return [{"rule": rule.cel, "message": rule.message} for rule in rules]
+    return [{"rule": rule.cel, "message": rule.message,
+             **({"messageExpression": rule.message_expression} if rule.message_expression else {})}
+            for rule in rules]
 
 
 def _constraints(items: list[Any], array: bool) -> dict[str, Any]:

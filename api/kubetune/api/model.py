@@ -22,11 +22,14 @@ class Rule:
     """A cross-field rule: ``cel`` for the API server, ``check`` for Python; both refuse with
     ``message``, which names the fields (as a user writes them) and the fix. A rule without
     ``check`` compares an update with the stored object (``oldSelf``): only the API server,
-    which sees both, can enforce it."""
+    which sees both, can enforce it. ``message_expression``: CEL for a message that says more
+    than ``message`` can (which of the fields changed); the API server falls back to
+    ``message`` when it fails."""
 
     cel: str
     message: str
     check: Callable[[Any], bool] | None = None
+    message_expression: str | None = None
 
 
 class ApiModel(BaseModel):

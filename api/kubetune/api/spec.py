@@ -7,9 +7,10 @@ section by section, the trainer config (``trainer_config.py``).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kubetune.api.model import ApiModel, InvalidObjectError, Rule, describe
 
@@ -29,7 +30,13 @@ DEEPSPEED_OWNED_KEYS = {
 """Top-level DeepSpeed keys kubetune derives itself, with the field to set instead: letting an
 override win would silently break gradient accumulation or the learning-rate schedule."""
 
-S3Uri = Annotated[str, Field(pattern=S3_URI_PATTERN)]
+S3_URI_MAX_LENGTH = len("s3://") + 63 + len("/") + 1024
+"""A bucket name has at most 63 characters and an object key at most 1024 bytes: a longer URI
+names nothing S3 can hold."""
+S3Uri = Annotated[str, Field(pattern=S3_URI_PATTERN, max_length=S3_URI_MAX_LENGTH)]
+NAME_MAX_LENGTH = 256
+"""A dataset's field name or a module's name: longer than any real one, short enough that a
+document pasted in the wrong place is refused."""
 
 
 def as_folder(uri: str) -> str:
@@ -79,13 +86,13 @@ class Dataset(ApiModel):
     of role/content messages in messagesField, rendered with the tokenizer's chat template; only
     the assistant's messages are trained on) or instruction (promptField then responseField;
     only the response is trained on)."""
-    text_field: str = Field("text", min_length=1)
+    text_field: str = Field("text", min_length=1, max_length=NAME_MAX_LENGTH)
     """Field holding the text when format is text."""
-    messages_field: str = Field("messages", min_length=1)
+    messages_field: str = Field("messages", min_length=1, max_length=NAME_MAX_LENGTH)
     """Field holding the list of messages when format is chat."""
-    prompt_field: str = Field("prompt", min_length=1)
+    prompt_field: str = Field("prompt", min_length=1, max_length=NAME_MAX_LENGTH)
     """Field holding the prompt when format is instruction."""
-    response_field: str = Field("response", min_length=1)
+    response_field: str = Field("response", min_length=1, max_length=NAME_MAX_LENGTH)
     """Field holding the response when format is instruction."""
     validation_split: float = Field(0.0, ge=0, le=0.5)
     """Fraction of the examples held out (seeded) for the evaluation loss; 0 = none. Larger
@@ -109,7 +116,8 @@ class Lora(ApiModel):
     """Scale of the update (the effective scale is alpha / r)."""
     dropout: float = Field(0.05, ge=0, le=1)
     """Dropout on the LoRA input; it regularises small datasets."""
-    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
+    target_modules: tuple[Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH)], ...] = Field(
+        ("q_proj", "v_proj"), min_length=1)
     """Names of the linear layers that get adapters (Llama: q_proj k_proj v_proj o_proj
     gate_proj up_proj down_proj). More modules: more capacity, more memory."""
 
@@ -202,6 +210,23 @@ QUANTITY_PATTERN = (
     r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 """A non-negative Kubernetes quantity (1Gi, 512Mi, 2G, 0), as resource.Quantity parses it."""
+QUANTITY_MAX_LENGTH = 64
+_QUANTITY_SUFFIXES = {
+    "": 1, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    **{f"{prefix}i": 1024.0 ** power for power, prefix in enumerate("KMGTPE", start=1)},
+}
+STANDARD_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+EXTENDED_RESOURCE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+"""A domain-prefixed resource (example.com/fpga), as a container may request beside the standard
+ones and hugepages-<size>."""
+
+
+def quantity_value(quantity: int | str) -> float:
+    """The number a quantity that matches QUANTITY_PATTERN stands for (2Gi: 2147483648.0)."""
+    text = str(quantity)
+    number = re.match(r"^[0-9.]*", text).group(0)  # type: ignore[union-attr]
+    suffix = text[len(number):]
+    return float(number) * _QUANTITY_SUFFIXES[suffix] if suffix in _QUANTITY_SUFFIXES else float(text)
 LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 GPU_RESOURCE = "nvidia.com/gpu"
 DnsName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
@@ -244,6 +269,39 @@ class Resources(ApiModel):
     """Resources the scheduler reserves for each worker. The cpu (limit, else request) divided by
     the training processes sets OMP_NUM_THREADS."""
 
+    # Not in the schema (a map's keys, the text of an int-or-string, one map against the other):
+    # checked here, so that the reconciler fails a job whose worker pods the API server would
+    # refuse before its preflight pod runs (the preflight pod does not carry these resources).
+    @field_validator("limits", "requests")
+    @classmethod
+    def _quantities(cls, given: dict[str, Quantity] | None, info: ValidationInfo) -> dict[str, Quantity] | None:
+        where = f"spec.workers.resources.{info.field_name}"
+        problems = []
+        for name, value in (given or {}).items():
+            if name not in STANDARD_RESOURCES and not name.startswith("hugepages-") \
+                    and not re.match(EXTENDED_RESOURCE_PATTERN, name):
+                problems.append(f"{where}.{name}: not a resource a container can have (cpu, memory, "
+                                "ephemeral-storage, hugepages-<size> or a domain-prefixed one such as example.com/fpga)")
+            elif isinstance(value, int) and value < 0 or isinstance(value, str) and (
+                    len(value) > QUANTITY_MAX_LENGTH or not re.match(QUANTITY_PATTERN, value)):
+                problems.append(f"{where}.{name}: {str(value)[:QUANTITY_MAX_LENGTH]!r} is not a quantity (such as 4, "
+                                "500m or 16Gi)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return given
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> Resources:
+        limits, requests = self.limits or {}, self.requests or {}
+        over = [name for name, request in requests.items()
+                if name in limits and quantity_value(request) > quantity_value(limits[name])]
+        if over:
+            raise ValueError("; ".join(
+                f"spec.workers.resources.requests.{name} ({requests[name]}) exceeds spec.workers.resources."
+                f"limits.{name} ({limits[name]}): a container cannot request more than its limit"
+                for name in over))
+        return self
+
 
 class KeySelector(ApiModel):
     """One key of a ConfigMap or Secret in the job's namespace."""
@@ -274,7 +332,7 @@ class ResourceFieldSelector(ApiModel):
     """limits.cpu, limits.memory, requests.cpu, requests.memory, ..."""
     container_name: str | None = Field(None, max_length=63)
     """The container; absent = the trainer."""
-    divisor: str | None = Field(None, pattern=QUANTITY_PATTERN)
+    divisor: str | None = Field(None, pattern=QUANTITY_PATTERN, max_length=QUANTITY_MAX_LENGTH)
     """Unit of the value (for example 1Mi for memory in MiB, 1m for cpu in millicores); absent = 1."""
 
 
@@ -382,7 +440,8 @@ class Workers(ApiModel):
     gpus_per_worker: int = Field(0, ge=0, le=16)
     """GPUs per pod, one training process each; 0 = one CPU process per pod. Sets the pod's
     nvidia.com/gpu limit."""
-    image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1)
+    # docker/distribution: a repository name has at most 255 characters, a tag 128, a digest 135.
+    image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1, max_length=512)
     """Trainer image; kept at its default, the operator's configured trainer image is used."""
     resources: Resources | None = None
     """Compute resources of each worker pod."""
@@ -404,7 +463,7 @@ class Workers(ApiModel):
     image_pull_secrets: tuple[DnsName, ...] | None = Field(None, max_length=16)
     """Names of Secrets (type kubernetes.io/dockerconfigjson) in the job's namespace for pulling
     the trainer image from a private registry."""
-    shm_size: str = Field("1Gi", pattern=QUANTITY_PATTERN)
+    shm_size: str = Field("1Gi", pattern=QUANTITY_PATTERN, max_length=QUANTITY_MAX_LENGTH)
     """Size of /dev/shm, a memory-backed emptyDir: NCCL's shared-memory transport between the
     GPUs of one pod and DataLoader workers use it, and a container runtime's default (often 64Mi)
     is too small for either. It counts against the pod's memory limit. 0 = no such volume (the
@@ -571,14 +630,24 @@ class QualityGate(ApiModel):
 class Storage(ApiModel):
     """The S3-compatible store holding the model, the data and the adapter."""
 
-    endpoint: str | None = Field(None, pattern=HTTP_URL_PATTERN)
+    endpoint: str | None = Field(None, pattern=HTTP_URL_PATTERN, max_length=2048)
     """http(s) URL of any S3-compatible endpoint (MinIO, Ceph, R2, ...); absent = the operator's
     default (AWS S3 unless configured)."""
-    region: str = Field("us-east-1", min_length=1)
+    region: str = Field("us-east-1", min_length=1, max_length=63)  # a DNS label: s3.<region>.amazonaws.com
     """Region to sign requests for."""
     credentials_secret: str | None = Field(None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
     """Secret in the job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY;
     the values reach the workers as environment variables and never the operator."""
+    checksums: Literal["when_required", "when_supported"] = "when_required"
+    """Whether the trainer's S3 client adds CRC32 checksums to its uploads and checks the ones S3
+    returns with downloads (boto's request_checksum_calculation and
+    response_checksum_validation). when_required (the default): only on the few requests whose
+    API demands one (such as DeleteObjects), the setting that works with the most
+    S3-compatible stores. when_supported: on every upload and download that allows one (boto's own
+    default since 1.36): an end-to-end integrity check on AWS S3, but stores that do not
+    implement these headers (Backblaze B2, Google Cloud Storage and some versions of MinIO
+    and Ceph, among others) refuse or misread such uploads. Either way a download that ends
+    short of its Content-Length is an error, never a file."""
 
 
 QUALITY_GATE_NEEDS_EVALUATION_DATA = Rule(
@@ -596,20 +665,34 @@ QUALITY_GATE_NEEDS_EVALUATION_DATA = Rule(
 """Holds for the spec and for the trainer config, which has the same two sections."""
 
 
-def unchanged_except(model: type[ApiModel], *mutable: str) -> str:
-    """CEL: every field of ``model`` but ``mutable`` (Python names) equals its old value; an
-    optional field counts as unchanged when it stays absent (the API server also checks the
-    rule against the schema's default, ``{}``, before any default inside it is filled in)."""
-    clauses = []
+def _unchanged(model: type[ApiModel], *mutable: str) -> dict[str, str]:
+    """{field: CEL that it equals its old value} for every field of ``model`` but ``mutable``
+    (Python names); an optional field counts as unchanged when it stays absent (the API server
+    also checks the rule against the schema's default, ``{}``, before any default inside it is
+    filled in)."""
+    clauses = {}
     for name, field in model.model_fields.items():
         if name in mutable:
             continue
         key = field.alias or name
         if field.is_required():
-            clauses.append(f"self.{key} == oldSelf.{key}")
+            clauses[key] = f"self.{key} == oldSelf.{key}"
         else:
-            clauses.append(f"(has(self.{key}) ? has(oldSelf.{key}) && self.{key} == oldSelf.{key} : !has(oldSelf.{key}))")
-    return " && ".join(clauses)
+            clauses[key] = f"(has(self.{key}) ? has(oldSelf.{key}) && self.{key} == oldSelf.{key} : !has(oldSelf.{key}))"
+    return clauses
+
+
+def immutable_rule(model: type[ApiModel], path: str, *mutable: str) -> Rule:
+    """The transition rule keeping every field of ``model`` (at ``path``) but ``mutable`` as
+    created (no Python check: only the API server sees the old object). Its message names the
+    fields that changed: the rule's own message can only say that something did."""
+    unchanged = _unchanged(model, *mutable)
+    # Concatenated literals, not a list joined: the API server refuses a CRD whose message
+    # expressions it cannot bound the cost of, and a join's it cannot.
+    changed = " + ".join(f"({clause} ? '' : '{path}.{key} changed; ')" for key, clause in unchanged.items())
+    quoted = IMMUTABLE_MESSAGE.replace("\\", "\\\\").replace("'", "\\'")
+    return Rule(cel=" && ".join(unchanged.values()), message=IMMUTABLE_MESSAGE,
+                message_expression=f"{changed} + '{quoted}'")
 
 
 IMMUTABLE_MESSAGE = (
@@ -656,7 +739,7 @@ class RunPolicy(ApiModel):
 
 
 # A transition rule (no Python check): only the API server sees the old object.
-RunPolicy.rules = (Rule(cel=unchanged_except(RunPolicy, "suspend"), message=IMMUTABLE_MESSAGE),)
+RunPolicy.rules = (immutable_rule(RunPolicy, "spec.runPolicy", "suspend"),)
 
 
 class FineTuneJobSpec(ApiModel):
@@ -718,14 +801,16 @@ class FineTuneJobSpec(ApiModel):
 
 # runPolicy checks its own fields (all but suspend); every other section must stay as created.
 FineTuneJobSpec.rules = (
-    Rule(cel=unchanged_except(FineTuneJobSpec, "run_policy"), message=IMMUTABLE_MESSAGE),
+    immutable_rule(FineTuneJobSpec, "spec", "run_policy"),
     *FineTuneJobSpec.rules,
 )
 
 
-def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
+def parse_spec(spec: Mapping[str, Any]) -> FineTuneJobSpec:
     """A FineTuneJob ``spec`` (as the API server stores it) as the typed model; raises
     InvalidObjectError naming every field that is wrong and the fix."""
+    if not isinstance(spec, Mapping):  # what a server without the CRD's schema would store
+        raise InvalidObjectError(f"spec: must be an object, not {type(spec).__name__}")
     try:
         return FineTuneJobSpec.model_validate(dict(spec))
     except ValidationError as error:

@@ -12,6 +12,8 @@ From the CLI (foreground until SIGINT/SIGTERM)::
 ``node=False`` starts the control plane alone (envtest's shape: API, controllers and scheduler,
 no node), for tests that play the node themselves. ``images`` adds repositories the node runs
 to its defaults (``kubelet.images``); a pod with any other image waits in ErrImagePull.
+``audit=True`` has the API server keep an audit log of users' requests
+(``control_plane.audit_log_path``).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class LocalCluster:
 
     def __init__(
         self, state_dir: str | Path | None = None, network: str = "auto", node: bool = True,
-        images: Iterable[str] = (),
+        images: Iterable[str] = (), audit: bool = False,
     ) -> None:
         self.images = LocalImages(images)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -63,6 +65,7 @@ class LocalCluster:
         self.kubeconfig = self.state_dir / "kubeconfig"
         self.network_request = network
         self.with_node = node
+        self.audit = audit
         self.prefix = new_prefix()
         self.api_url = ""
         self.s3_endpoint = ""
@@ -96,7 +99,7 @@ class LocalCluster:
             )
             self.control_plane = ControlPlane(
                 self.state_dir, address=address, service_cidr=str(service_cidr), pki=credentials,
-                binaries=binaries, env=marker,
+                binaries=binaries, env=marker, audit=self.audit,
             )
             s3_started = None
             if self.with_node:  # S3 starts meanwhile (it watches its parent's pid itself)

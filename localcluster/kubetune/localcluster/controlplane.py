@@ -29,6 +29,20 @@ log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 START_TIMEOUT_SECONDS = 120.0
+API_RATE_ARGS = ("--kube-api-qps=200", "--kube-api-burst=400")
+# Requests of users and of their controllers (the operator, kwok, kubectl), at metadata level and
+# once each (when the response is complete); the control plane's own traffic is left out.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived, ResponseStarted]
+rules:
+- level: None
+  users: [system:kube-scheduler, system:kube-controller-manager, system:apiserver]
+- level: None
+  userGroups: [system:nodes, system:serviceaccounts:kube-system]
+- level: Metadata
+"""
 
 
 @dataclass
@@ -38,6 +52,9 @@ class ControlPlane:
     ``address`` is where the API server listens and what it advertises: the address pods reach
     the host on (the pod bridge, or loopback), so pods and users talk to the same endpoint.
     ``env`` is added to every process's environment (the cluster's marker for crash clean-up).
+    ``audit``: the API server writes an audit log (``audit_log_path``, JSON lines, metadata
+    only) of every request made by a user rather than by the control plane itself: how the
+    operator's benchmark counts the operator's requests by verb.
     """
 
     state_dir: Path
@@ -46,7 +63,9 @@ class ControlPlane:
     pki: ClusterPKI
     binaries: ControlPlaneBinaries
     env: dict[str, str] = field(default_factory=dict)
+    audit: bool = False
     api_port: int = 0
+    _etcd_port: int = 0
     _processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -64,6 +83,10 @@ class ControlPlane:
     def log_path(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
 
+    @property
+    def audit_log_path(self) -> Path:
+        return self.state_dir / "logs" / "audit.jsonl"
+
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT_SECONDS, controllers: bool = True) -> None:
         """Start all four and return once the API server is ready. Blocking: call it from the
@@ -71,7 +94,7 @@ class ControlPlane:
         etcd and the API server alone (envtest's shape: the benchmarks' baseline)."""
         deadline = time.monotonic() + timeout
         shutil.rmtree(self.etcd_dir, ignore_errors=True)  # every `up` is a new cluster
-        etcd_port = processes.free_port()
+        self._etcd_port = etcd_port = processes.free_port()
         self._start("etcd", self._etcd_args(etcd_port))
         processes.wait_for_port(
             "127.0.0.1", etcd_port, self._processes["etcd"], self.log_path("etcd"), deadline - time.monotonic()
@@ -85,6 +108,15 @@ class ControlPlane:
         if controllers:
             self._start("kube-controller-manager", self._controller_manager_args())
             self._start("kube-scheduler", self._scheduler_args())
+
+    def restart_apiserver(self, down_seconds: float = 0.0, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Stop the API server (SIGTERM, as an upgrade or a crash-looping static pod would) and
+        start it again on the same address after ``down_seconds``; etcd keeps the cluster's
+        state. Returns once it is ready."""
+        processes.stop(self._processes.pop("kube-apiserver"))
+        time.sleep(down_seconds)
+        self._start("kube-apiserver", self._apiserver_args(self._etcd_port))
+        self._wait_ready(time.monotonic() + timeout)
 
     def pids(self) -> dict[str, int]:
         return {name: process.pid for name, process in self._processes.items()}
@@ -197,7 +229,14 @@ class ControlPlane:
             # The endpoint reconciler refuses a loopback address (the loopback network mode,
             # where nothing but this machine could use the `kubernetes` Service's endpoints).
             *(["--endpoint-reconciler-type=none"] if ipaddress.ip_address(self.address).is_loopback else []),
+            *(self._audit_args() if self.audit else []),
         ]
+
+    def _audit_args(self) -> list[str]:
+        policy = self.state_dir / "audit-policy.yaml"
+        policy.write_text(AUDIT_POLICY)
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log_path}", "--audit-log-format=json",
+                "--audit-log-mode=batch", "--audit-log-maxbackup=0"]
 
     def _component_kubeconfig(self, name: str, user: str) -> Path:
         pair = self.pki.controller_manager if name == "controller-manager" else self.pki.scheduler
@@ -221,9 +260,13 @@ class ControlPlane:
             f"--root-ca-file={pki.ca.cert}",  # published to every namespace as kube-root-ca.crt
             f"--cluster-signing-cert-file={pki.ca.cert}",
             f"--cluster-signing-key-file={pki.ca.key}",
+            # Client rate limits of a single-tenant cluster: the defaults (20 requests a second,
+            # bursts of 30) are sized for a shared control plane, and throttle the Job controller
+            # and the garbage collector (a deleted job's pods) long before the API server is busy.
+            *API_RATE_ARGS,
         ]
 
     def _scheduler_args(self) -> list[str]:
         config = self._component_kubeconfig("scheduler", "system:kube-scheduler")
-        return [f"--kubeconfig={config}", "--leader-elect=false", "--secure-port=0"]
+        return [f"--kubeconfig={config}", "--leader-elect=false", "--secure-port=0", *API_RATE_ARGS]
 

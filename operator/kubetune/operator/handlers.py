@@ -3,36 +3,51 @@
 - Two in-memory indexes (kopf's): every FineTuneJob by UID, and every kubetune worker pod by
   the UID of the job that owns it (its ``kubetune.dev/job-uid`` label). The pod watch is
   filtered by the API server (``settings.watching.label_selectors``), not in the operator.
-- A job is reconciled when it is created or found at start-up (with retries and back-off:
-  a child name still held by an earlier job's terminating pod is waited for), when one of its
-  pods changes, and every few seconds while it is unfinished (time decides too: back-off,
-  deadlines, stalls, start-up timeouts), or finished with a TTL.
-- Rank 0's metrics are scraped into ``status.progress`` on that tick while the job runs,
+- Watch events only queue a job (``WorkQueue``); a fixed number of workers reconcile what is
+  due, each job one pass at a time. A job is queued when it is created or found at start-up,
+  when its spec changes, shortly after one of its pods changes (a burst of pod events makes one
+  pass: the Job controller's batch period), and again after every pass while it is unfinished
+  (time decides too: back-off, deadlines, stalls, start-up timeouts) or finished with a TTL.
+  A pass that fails, or waits for a name or a permission, is retried with a back-off.
+- Kopf keeps no state on the objects: no finalizer, no annotations. A pass reads the job and
+  its pods afresh; a job deleted while the operator is away goes at once, its children with it
+  (owner references), and the operator carries on from whatever it finds when it starts.
+- Rank 0's metrics are scraped into ``status.progress`` on the passes of a running job,
   asynchronously, with a timeout and a random delay, so a slow or hung pod holds up no other
   job; the reconciler then sees the fresh progress (stall detection, Publishing).
 
-State lives in kopf's ``memo`` (the API client, settings, metrics, one lock per job so a job's
-read-decide-write cycles never interleave), not in module globals. The Kubernetes client is the
-official synchronous one, called from a thread.
+State lives in kopf's ``memo`` (the API client, settings, metrics, the queue, one lock per job
+so a job's read-decide-write cycles never interleave), not in module globals. The Kubernetes
+client is the official synchronous one, called from a thread pool as large as the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
+import os
 import random
+import signal
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 import kopf
 from kubernetes.client.exceptions import ApiException
 from kubetune.api import FINAL_PHASES, GROUP, PLURAL, VERSION, JobRef
-from kubetune.operator.kube import Kube, NoCredentialsError, bearer_token, load_credentials, status_patch
+from kubernetes import client
+from kubetune.operator.kube import (
+    REPORTING_INSTANCE, Kube, NoCredentialsError, bearer_token, load_credentials, status_patch,
+)
+from kubetune.operator.leader import LeaderElection
 from kubetune.api.labels import ATTEMPT_LABEL, JOB_UID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REPLICA_INDEX_LABEL
 from kubetune.operator.manifests import owned_by
 from kubetune.operator.metrics import OperatorMetrics
@@ -41,6 +56,7 @@ from kubetune.operator.reconcile import (
     Create, Delete, DeleteJob, Event, Job, LogTail, Outcome, creation_failed, forbidden, ours, reconcile, waiting,
 )
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.workqueue import WorkQueue
 
 TICK_SECONDS = 5.0
 # Running jobs tick faster: their progress is what `kubectl get ftj -w` shows, and a step of a
@@ -49,11 +65,19 @@ PROGRESS_SECONDS = 2.0
 # A scrape runs in the operator's event loop: a hung pod must not hold it for long.
 SCRAPE_TIMEOUT_SECONDS = 2.0
 WAIT_RETRY_SECONDS = 2.0
+# Pod events of one job within this window make one pass (the Job controller batches for 1 s):
+# a gang of 8 starting is 8 to 16 events, one status write.
+POD_EVENT_BATCH_SECONDS = 0.5
+# Passes of different jobs run at once, each a few API calls from a thread.
+WORKERS = 16
+# A pass that raised (the API is unwell) is retried after 2, 4, 8 ... 60 seconds.
+ERROR_BACKOFF_SECONDS, ERROR_BACKOFF_CAP_SECONDS = 2.0, 60.0
 SCRAPED_PHASES = ("Running", "Publishing")
 LOG_TAIL_LINES = 20
 LOG_TAIL_CHARACTERS = 900  # an Event's message holds 1024
 # 4xx answers that a retry may cure; every other 4xx to a create is a refusal, final.
 RETRIABLE_STATUSES = {409, 429}
+T = TypeVar("T")
 
 
 def _now() -> datetime:
@@ -91,7 +115,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.enabled = False
     # Only kubetune's pods, filtered by the API server: the operator never sees the others.
     settings.watching.label_selectors["", "v1", "pods"] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-    logging.getLogger("kopf.objects").addFilter(_quiet_timers)
+    logging.getLogger("kopf.objects").addFilter(_quiet_handlers)
     try:
         load_credentials()
     except NoCredentialsError as error:
@@ -101,21 +125,46 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # namespaces, and warn. The chart installs the CRD before the operator starts.
     settings.scanning.disabled = memo.settings.namespace is not None
     memo.setdefault("metrics", OperatorMetrics())
-    memo.kube = Kube()
+    memo.kube = Kube(pool_size=WORKERS)
     memo.locks = {}
+    memo.jobs = {}
+    memo.failures = {}
+    memo.queue = WorkQueue()
+    memo.indexes = {"pods_by_job": {}}
     memo.http = aiohttp.ClientSession(trust_env=False)  # pod IPs are reached directly, never via a proxy
+    # asyncio's default pool has min(32, cores + 4) threads: 6 on 2 cores, fewer than the workers.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(WORKERS, thread_name_prefix="kube"))
+    memo.workers = [asyncio.create_task(_work(memo)) for _ in range(WORKERS)]
+    memo.leading = asyncio.Event()
+    memo.acting = lambda: True
+    if memo.get("lease"):  # one of several replicas: only the holder of the Lease acts
+        election = LeaderElection(client.CoordinationV1Api(memo.kube.api_client), memo.lease_namespace, memo.lease,
+                                  f"{REPORTING_INSTANCE}_{uuid.uuid4().hex[:8]}", on_lost=_stop_operator)
+        memo.leading, memo.acting, memo.election = election.leading, election.acting, election
+        memo.workers.append(asyncio.create_task(election.run()))
+    else:
+        memo.leading.set()
+
+
+def _stop_operator() -> None:
+    """Stop as kopf stops on SIGTERM; the Deployment starts the replica again, as a standby."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    for worker in memo.get("workers", []):
+        worker.cancel()
+    if memo.get("election") is not None:
+        await asyncio.to_thread(memo.election.release)
     if "http" in memo:
         await memo.http.close()
 
 
-def _quiet_timers(record: logging.LogRecord) -> bool:
-    """kopf logs every successful handler run; for timers every few seconds per job that buries
-    the log lines that matter."""
-    return not (record.levelno == logging.INFO and record.getMessage().startswith("Timer ")
+def _quiet_handlers(record: logging.LogRecord) -> bool:
+    """kopf logs every successful handler run; for event handlers, many times per job, which
+    buries the log lines that matter."""
+    return not (record.levelno == logging.INFO and record.getMessage().startswith("Handler ")
                 and record.getMessage().endswith(" succeeded."))
 
 
@@ -144,70 +193,140 @@ def _pods(index: kopf.Index, uid: str) -> list[dict[str, Any]]:
 
 
 # -- when the operator reconciles ------------------------------------------------------------
-def _unfinished(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") not in FINAL_PHASES
+class NotActing(Exception):
+    """This replica lost the Lease during a pass: the pass stops before its next write."""
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL, backoff=WAIT_RETRY_SECONDS)
-async def finetunejob_create(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
-                             logger: kopf.Logger, **_: Any) -> None:
-    await _sync("create", namespace, name, uid, pods_by_job, memo, logger, retry=True)
+def _acting(memo: kopf.Memo) -> None:
+    if not memo.get("acting", lambda: True)():
+        raise NotActing
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, when=_unfinished, backoff=WAIT_RETRY_SECONDS)
-async def finetunejob_resume(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
-                             logger: kopf.Logger, **_: Any) -> None:
-    await _sync("resume", namespace, name, uid, pods_by_job, memo, logger, retry=True)
+class JobKey(NamedTuple):
+    namespace: str
+    name: str
+    uid: str
 
 
-@kopf.on.event("", "v1", "pods", labels={JOB_UID_LABEL: kopf.PRESENT})
-async def worker_pod_event(labels: kopf.Labels, memo: kopf.Memo, jobs_by_uid: kopf.Index,
-                           pods_by_job: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    uid = labels[JOB_UID_LABEL]
-    for namespace, name in jobs_by_uid.get(uid, []):  # none: the pod of a job that is gone
-        await _sync("pod_event", namespace, name, uid, pods_by_job, memo, logger)
+@dataclass
+class Seen:
+    """What the last watch event said of a job: when it is due again, and the job itself.
 
+    A pass reconciles ``body``, as every controller reads its informer's cache, rather than a
+    GET per pass (at a thousand running jobs, hundreds a second). Except after a status write
+    of ours the watch has not delivered yet (``unobserved_write``, its resourceVersion): that
+    pass GETs, so it never decides from a status older than its own last write."""
 
-def _ticking(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    """Unfinished jobs that are not running, and finished ones that expire."""
-    if status.get("phase") in SCRAPED_PHASES:
-        return False
-    if status.get("phase") not in FINAL_PHASES:
-        return True
-    return (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+    generation: int
+    phase: str | None
+    attempt: int | None
+    ttl: bool
+    body: Mapping[str, Any] | None = None
+    unobserved_write: str | None = None
 
-
-def _scraped(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") in SCRAPED_PHASES
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, when=_ticking)
-async def finetunejob_tick(namespace: str, name: str, uid: str, memo: kopf.Memo, pods_by_job: kopf.Index,
-                           logger: kopf.Logger, **_: Any) -> None:
-    """Time moves a job on as much as events do: the restart back-off ends, a start-up timeout
-    passes, a TTL expires."""
-    await _sync("tick", namespace, name, uid, pods_by_job, memo, logger)
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_SECONDS, sharp=True, when=_scraped)
-async def finetunejob_progress(namespace: str, name: str, uid: str, status: kopf.Status, memo: kopf.Memo,
-                               pods_by_job: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    """While the job runs: rank 0's /metrics become ``status.progress``, and the reconciler sees
-    them (a stall, Publishing) along with the time (a deadline)."""
-    attempt = (status.get("launched") or {}).get("attempt")
-    metrics_text = await _scrape(JobRef(name=name, namespace=namespace, uid=uid), _pods(pods_by_job, uid), attempt,
-                                 memo, logger)
-    await _sync("progress", namespace, name, uid, pods_by_job, memo, logger, metrics_text=metrics_text)
+    def fresh_body(self) -> Mapping[str, Any] | None:
+        return self.body if self.unobserved_write is None else None
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def finetunejob_event(type: str | None, namespace: str, name: str, uid: str, status: kopf.Status,
-                            meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+async def finetunejob_event(type: str | None, body: kopf.Body, namespace: str, name: str, uid: str,
+                            spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, memo: kopf.Memo,
+                            pods_by_job: kopf.Index, **_: Any) -> None:
+    key = JobKey(namespace, name, uid)
     if type == "DELETED":
         memo.metrics.job_gone(namespace, name)
         memo.locks.pop(uid, None)
-    else:
-        memo.metrics.job_seen(namespace, name, status, meta.get("creationTimestamp"))
+        memo.jobs.pop(uid, None)
+        memo.failures.pop(key, None)
+        memo.queue.forget(key)
+        return
+    memo.metrics.job_seen(namespace, name, status, meta.get("creationTimestamp"))
+    # The pods index as kopf keeps it up to date, for the workers (kopf hands indexes only to
+    # handlers). Into a shared dict: kopf gives each object its own shallow copy of the memo.
+    memo.indexes["pods_by_job"] = pods_by_job
+    generation = int(meta.get("generation") or 1)
+    previous = memo.jobs.get(uid)
+    unobserved = previous.unobserved_write if previous is not None else None
+    memo.jobs[uid] = Seen(generation, status.get("phase"), (status.get("launched") or {}).get("attempt"),
+                          (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None,
+                          body=_plain(body), unobserved_write=None if unobserved == meta.get("resourceVersion")
+                          else unobserved)
+    if meta.get("deletionTimestamp"):
+        return  # going: its children go with it (owner references)
+    if previous is None:  # created now, or found at start-up
+        memo.queue.add(key, "create" if type == "ADDED" else "resume")
+    elif generation != previous.generation:  # the spec changed (runPolicy.suspend)
+        memo.queue.add(key, "update")
+
+
+@kopf.on.event("", "v1", "pods", labels={JOB_UID_LABEL: kopf.PRESENT})
+async def worker_pod_event(labels: kopf.Labels, memo: kopf.Memo, jobs_by_uid: kopf.Index, **_: Any) -> None:
+    uid = labels[JOB_UID_LABEL]
+    for namespace, name in jobs_by_uid.get(uid, []):  # none: the pod of a job that is gone
+        memo.queue.add(JobKey(namespace, name, uid), "pod_event", after=POD_EVENT_BATCH_SECONDS)
+
+
+def next_pass(status: Mapping[str, Any], ttl: bool) -> float | None:
+    """Seconds until a job is due again by time alone: unfinished jobs tick, running ones
+    faster (their progress); a finished one only while its TTL runs."""
+    phase = status.get("phase")
+    if phase in SCRAPED_PHASES:
+        return PROGRESS_SECONDS
+    if phase not in FINAL_PHASES or ttl:
+        return TICK_SECONDS
+    return None
+
+
+async def _work(memo: kopf.Memo) -> None:
+    """One worker: reconcile the next due job, queue its next pass, repeat."""
+    logger = logging.getLogger("kubetune.operator")
+    while True:
+        await memo.leading.wait()  # a standby keeps its queue, and acts once it leads
+        key, reason = await memo.queue.get()
+        seen = memo.jobs.get(key.uid)
+        if seen is None:
+            continue  # deleted since it was queued
+        if not memo.acting():  # the Lease may have passed to another replica meanwhile
+            memo.queue.add(key, reason, after=WAIT_RETRY_SECONDS)
+            await asyncio.sleep(WAIT_RETRY_SECONDS)
+            continue
+        try:
+            synced = await _pass(key, reason, seen, memo, logger)
+        except NotActing:
+            memo.queue.add(key, reason, after=WAIT_RETRY_SECONDS)  # for when it leads again, if ever
+            continue
+        except Exception as error:  # noqa: BLE001 - the API is unwell: retry this job later, go on with others
+            failures = memo.failures[key] = memo.failures.get(key, 0) + 1
+            delay = min(ERROR_BACKOFF_CAP_SECONDS, ERROR_BACKOFF_SECONDS * 2 ** (failures - 1))
+            logger.warning("reconciling %s/%s failed (retry in %.0fs): %s", key.namespace, key.name, delay,
+                           error if isinstance(error, ApiException) else repr(error))
+            memo.queue.add(key, reason, after=delay)
+            continue
+        memo.failures.pop(key, None)
+        if synced is None:
+            continue  # gone, or re-created under a new UID: its own events queue it
+        if synced.blocked:
+            memo.queue.add(key, reason, after=WAIT_RETRY_SECONDS)
+        after = next_pass(synced.status, seen.ttl)
+        if synced.moved and after is not None:
+            after = POD_EVENT_BATCH_SECONDS
+        if after is not None:
+            memo.queue.add(key, "tick", after=after)
+
+
+async def _pass(key: JobKey, reason: str, seen: Seen, memo: kopf.Memo, logger: logging.Logger) -> Synced | None:
+    """One reconcile pass of a job, with a fresh scrape of its progress while it runs."""
+    metrics_text = None
+    if seen.phase in SCRAPED_PHASES:
+        metrics_text = await _scrape(JobRef(name=key.name, namespace=key.namespace, uid=key.uid),
+                                     _pods(memo.indexes["pods_by_job"], key.uid),
+                                     seen.attempt, memo, logger)
+    return await _sync(reason, key.namespace, key.name, key.uid, memo.indexes["pods_by_job"], memo, logger,
+                       metrics_text=metrics_text, from_cache=True)
+
+
+def _pods(index: Mapping[str, Any], uid: str) -> list[dict[str, Any]]:
+    return list(index.get(uid, []))
 
 
 # -- carrying out ------------------------------------------------------------------------------
@@ -217,8 +336,8 @@ async def _counted(memo: kopf.Memo, handler: str) -> AsyncIterator[None]:
     started = time.monotonic()
     try:
         yield
-    except kopf.TemporaryError:
-        raise  # waiting, not failing
+    except NotActing:
+        raise  # standing down, not failing
     except Exception:
         memo.metrics.reconcile_errors.labels(handler=handler).inc()
         raise
@@ -226,65 +345,115 @@ async def _counted(memo: kopf.Memo, handler: str) -> AsyncIterator[None]:
         memo.metrics.reconcile_seconds.labels(handler=handler).observe(time.monotonic() - started)
 
 
-async def _sync(handler: str, namespace: str, name: str, uid: str, pods_by_job: kopf.Index, memo: kopf.Memo,
-                logger: kopf.Logger, retry: bool = False, metrics_text: str | None = None) -> None:
-    """Read the job afresh, reconcile it with its pods (and fresh progress), carry the outcome out.
-    The pods are read from the index under the job's lock, after the job: a snapshot taken
-    before (while another pass held the lock) could show a pod Running that has failed since,
-    and a finished job would delete it as a survivor."""
+@dataclass(frozen=True)
+class Synced:
+    """A pass's end: the job's status now, and what it waits for (a name, a permission)."""
+
+    status: Mapping[str, Any]
+    blocked: str | None = None
+    moved: bool = False
+    """The phase changed: the next may be due already (the pods ran on while the operator was
+    away, and their events came before it knew the job)."""
+
+
+async def _sync(handler: str, namespace: str, name: str, uid: str, pods_by_job: Mapping[str, Any],
+                memo: kopf.Memo, logger: logging.Logger | kopf.Logger, metrics_text: str | None = None,
+                from_cache: bool = False) -> Synced | None:
+    """Reconcile the job (``from_cache``: as the watch last delivered it, else read afresh) with its pods
+    (and fresh progress), carry the outcome out. The pods are read from the index under the
+    job's lock, after the job: a snapshot taken before (while another pass held the lock) could
+    show a pod Running that has failed since, and a finished job would delete it as a survivor.
+    None: the job is gone."""
     async with _counted(memo, handler), memo.locks.setdefault(uid, asyncio.Lock()):
-        body = await asyncio.to_thread(memo.kube.get_job, namespace, name)
+        seen = memo.get("jobs", {}).get(uid)
+        body = seen.fresh_body() if from_cache and seen is not None else None
+        if body is None:
+            body = await asyncio.to_thread(memo.kube.get_job, namespace, name)
         if body is None or body["metadata"]["uid"] != uid or body["metadata"].get("deletionTimestamp"):
-            return  # the job is gone or going (or re-created: its own handlers run for it)
+            return None  # the job is gone or going (or re-created: its own events queue it)
         stored = Job.of(body)
         job = _with_progress(stored, metrics_text, memo, logger)
         outcome = reconcile(job, _pods(pods_by_job, uid), memo.settings, _now())
         if outcome.status is None and job.status != stored.status:
             outcome = Outcome(dict(job.status), outcome.actions, outcome.blocked)  # only the progress moved
         instead = await _carry_out(stored, outcome, memo, logger)
-        if retry and instead is not None and instead.blocked:
-            raise kopf.TemporaryError(instead.blocked, delay=WAIT_RETRY_SECONDS)
+        final = instead or outcome
+        status = final.status if final.status is not None else stored.status
+        return Synced(status, final.blocked, moved=status.get("phase") != stored.status.get("phase"))
 
 
 async def _carry_out(job: Job, outcome: Outcome, memo: kopf.Memo, logger: kopf.Logger) -> Outcome | None:
-    """Create, post, then write the status. When a creation cannot be done (a name held by
-    another object, a refusal), the outcome put in its place is carried out and returned."""
-    for action in outcome.actions:
-        if isinstance(action, Create):
-            instead = await _create(job, action.child, memo)
+    """Carry out the actions in order, then write the status. A run of creations (a gang's pods)
+    or of deletions goes out at once: a gang of 8 is one round trip, not 8. When a creation
+    cannot be done (a name held by another object, a refusal), the outcome put in its place is
+    carried out and returned."""
+    for _, group in itertools.groupby(outcome.actions, key=_batch):
+        actions = list(group)
+        if isinstance(actions[0], Create):
+            results = await _all(_create(job, action.child, memo) for action in actions)
+            instead = next((result for result in results if result is not None), None)
             if instead is not None:
                 await _carry_out(job, instead, memo, logger)
                 return instead
-        elif isinstance(action, Delete):
-            logger.info("deleting pod %s/%s: %s", job.ref.namespace, action.name, action.why)
-            await asyncio.to_thread(memo.kube.delete_pod, job.ref.namespace, action.name, action.uid)
-        elif isinstance(action, LogTail):
-            await _post_log_tail(job, action.name, memo, logger)
-        elif isinstance(action, DeleteJob):
-            logger.info("deleting job %s/%s: spec.runPolicy.ttlSecondsAfterFinished passed", job.ref.namespace,
-                        job.ref.name)
-            await asyncio.to_thread(memo.kube.delete_job, job.ref.namespace, job.ref.name, job.ref.uid)
-        elif isinstance(action, Event):
-            await _post(job, action, memo, logger)
+        elif isinstance(actions[0], Delete):
+            for action in actions:
+                logger.info("deleting pod %s/%s: %s", job.ref.namespace, action.name, action.why)
+            _acting(memo)
+            await _all(asyncio.to_thread(memo.kube.delete_pod, job.ref.namespace, action.name, action.uid)
+                       for action in actions)
+        else:
+            for action in actions:
+                if isinstance(action, LogTail):
+                    await _post_log_tail(job, action.name, memo, logger)
+                elif isinstance(action, DeleteJob):
+                    logger.info("deleting job %s/%s: spec.runPolicy.ttlSecondsAfterFinished passed",
+                                job.ref.namespace, job.ref.name)
+                    _acting(memo)
+                    await asyncio.to_thread(memo.kube.delete_job, job.ref.namespace, job.ref.name, job.ref.uid)
+                elif isinstance(action, Event):
+                    await _post(job, action, memo, logger)
     patch = status_patch(dict(job.status), outcome.status) if outcome.status is not None else {}
     if patch:
-        await asyncio.to_thread(memo.kube.patch_job_status, job.ref.namespace, job.ref.name, patch)
+        _acting(memo)
+        written = await asyncio.to_thread(memo.kube.patch_job_status, job.ref.namespace, job.ref.name, patch)
+        seen = memo.get("jobs", {}).get(job.ref.uid)
+        # Unless the watch has delivered it already (while the response was on its way).
+        if seen is not None and written and (seen.body or {}).get("metadata", {}).get("resourceVersion") != written:
+            seen.unobserved_write = written
         if outcome.status["phase"] != job.status.get("phase"):
             logger.info("job %s/%s is %s: %s", job.ref.namespace, job.ref.name, outcome.status["phase"],
                         outcome.status["message"])
     return None
 
 
+def _batch(action: Any) -> str:
+    """Actions that may go out together: the ConfigMap and Service; the pods (which mount the
+    ConfigMap, so after it); deletions. Anything else alone, in order."""
+    if isinstance(action, Create):
+        return "create pods" if action.child["kind"] == "Pod" else "create others"
+    return "delete" if isinstance(action, Delete) else f"one {id(action)}"
+
+
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all at once; every call ends before the first error (if any) is raised."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
 async def _create(job: Job, child: dict[str, Any], memo: kopf.Memo) -> Outcome | None:
     """Create one child. None when it exists now as this job's; else what the job does instead."""
+    _acting(memo)
     try:
         await asyncio.to_thread(memo.kube.create, child)
     except ApiException as error:
         if error.status == 409:
             meta = child["metadata"]
             holder = await asyncio.to_thread(memo.kube.read, child["kind"], meta["namespace"], meta["name"])
-            if holder is None:
-                raise kopf.TemporaryError(f"{child['kind']} {meta['name']} was deleted meanwhile", delay=1) from None
+            if holder is None:  # deleted meanwhile: the next pass creates it
+                return Outcome(None, (), blocked=f"{child['kind']} {meta['name']} was deleted meanwhile")
             if owned_by(holder, job.ref.uid) and not holder["metadata"].get("deletionTimestamp"):
                 return None  # ours already: created by an earlier pass
             return waiting(job, child, holder, _now())
@@ -292,7 +461,7 @@ async def _create(job: Job, child: dict[str, Any], memo: kopf.Memo) -> Outcome |
             return forbidden(job, child, _api_message(error), _now())
         if 400 <= error.status < 500 and error.status not in RETRIABLE_STATUSES:
             return creation_failed(job, child, _api_message(error), _now())
-        raise  # the API is unwell: kopf retries (create, resume) or the next event does
+        raise  # the API is unwell: the worker retries the job with a back-off
     if child["kind"] == "Pod":
         memo.metrics.pods_created.inc()
     return None
@@ -318,6 +487,7 @@ async def _post_log_tail(job: Job, pod: str, memo: kopf.Memo, logger: kopf.Logge
 
 
 async def _post(job: Job, event: Event, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    _acting(memo)
     try:
         await asyncio.to_thread(memo.kube.post_event, job.ref, event.type, event.reason, event.message)
     except ApiException as error:  # an Event is worth a retry of nothing: the status says it too

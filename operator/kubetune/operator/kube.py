@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from importlib.metadata import version
 from typing import Any
 
 from kubernetes import client, config
@@ -17,6 +18,8 @@ from kubetune.api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 REPORTING_COMPONENT = "kubetune-operator"
 REPORTING_INSTANCE = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or REPORTING_COMPONENT
+# Names the operator, and which replica, in the API server's audit log.
+USER_AGENT = f"kubetune-operator/{version('kubetune')} ({REPORTING_INSTANCE})"
 
 
 class NoCredentialsError(RuntimeError):
@@ -55,19 +58,32 @@ def bearer_token(configuration: client.Configuration) -> str | None:
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api_client = api_client or client.ApiClient()
+    def __init__(self, api_client: client.ApiClient | None = None, pool_size: int | None = None) -> None:
+        if api_client is None:
+            configuration = client.Configuration.get_default_copy()
+            if pool_size:  # one connection per thread calling at once (urllib3 keeps 5 x cores by default)
+                configuration.connection_pool_maxsize = pool_size
+            api_client = client.ApiClient(configuration)
+        self.api_client = api_client
+        self.api_client.user_agent = USER_AGENT  # kopf's own requests say kopf/
         self.core = client.CoreV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
 
-    def create(self, obj: dict[str, Any]) -> None:
-        """Create a ConfigMap, Service or Pod; ApiException as the API answered (409: the name is taken)."""
+    def create(self, obj: dict[str, Any], dry_run: bool = False) -> None:
+        """Create a ConfigMap, Service or Pod; ApiException as the API answered (409: the name is taken).
+        ``dry_run``: the API server checks it all and stores nothing."""
         create = {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "Service": self.core.create_namespaced_service,
-            "Pod": self.core.create_namespaced_pod,
+            "ConfigMap": client.CoreV1Api.create_namespaced_config_map,
+            "Service": client.CoreV1Api.create_namespaced_service,
+            "Pod": client.CoreV1Api.create_namespaced_pod,
         }[obj["kind"]]
-        create(namespace=obj["metadata"]["namespace"], body=obj)
+        # raw_function: the client's call without its own pydantic models, which are stricter than
+        # the API server (an integer quantity such as the nvidia.com/gpu limit, a field of
+        # spec.scheduling.affinity missing) and would refuse a child before sending it, with an
+        # error that is no API answer (the pass would be retried for ever). The API server alone
+        # judges a child; its refusal fails the job (ChildRefused), naming the field.
+        create.raw_function(self.core, namespace=obj["metadata"]["namespace"], body=obj,
+                            dry_run="All" if dry_run else None)
 
     def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """A ConfigMap, Service or Pod as the API returns it; None when there is none."""
@@ -120,11 +136,13 @@ class Kube:
                 return None
             raise
 
-    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        """A JSON merge patch of the status (``status_patch`` makes one: None removes a key)."""
-        self.custom.patch_namespaced_custom_object_status(
+    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> str:
+        """A JSON merge patch of the status (``status_patch`` makes one: None removes a key).
+        Returns the job's resourceVersion after it."""
+        job = self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, body={"status": patch}
         )
+        return job["metadata"]["resourceVersion"]
 
 
     def post_event(self, job: JobRef, kind: str, reason: str, message: str) -> None:

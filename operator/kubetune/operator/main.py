@@ -5,25 +5,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
-import time
 
 from kubetune.operator.settings import OperatorSettings
 
 
 def run(
     namespace: str | None = None,
-    peering: str | None = None,
+    leader_elect: str | None = None,
     liveness_port: int | None = None,
     metrics_port: int | None = None,
 ) -> None:
     """Run the operator until interrupted; ``namespace`` None watches every namespace.
 
-    ``peering`` names the kopf peering object replicas coordinate through (None: standalone, the
-    only instance). Among replicas the oldest acts and the others wait: kopf pauses an operator
-    that sees a peer of higher priority, and the priority here is the start time, negated. A
-    replica that dies leaves the peering object when its keep-alive expires, and the next
-    oldest takes over.
+    ``leader_elect`` names the Lease (in $POD_NAMESPACE, else the watched namespace, else
+    default) that replicas elect a leader through (None: the only instance). Only the holder
+    acts; the others keep their watches and take over within about 15 s of its loss.
     ``metrics_port`` None takes $KUBETUNE_METRICS_PORT (default 8080); 0 serves no metrics.
     Raises OSError when the metrics port is taken.
     """
@@ -39,14 +37,15 @@ def run(
     metrics = OperatorMetrics()
     metrics.serve(settings.metrics_port)
     liveness = liveness_port or settings.liveness_port
-    peered = {"standalone": True} if peering is None else {
-        "standalone": False, "peering_name": peering, "priority": -(time.time_ns() // 1000)}
+    lease_namespace = os.environ.get("POD_NAMESPACE") or settings.namespace or "default"
     kopf.run(
-        **peered,
+        # Replicas elect a leader through a Lease (leader.py), not kopf's peering: a keep-alive
+        # in which two replicas that start together both act until they see each other.
+        standalone=True,
         clusterwide=settings.namespace is None,
         namespaces=[settings.namespace] if settings.namespace else (),
         liveness_endpoint=f"http://0.0.0.0:{liveness}/healthz" if liveness else None,
-        memo=kopf.Memo(settings=settings, metrics=metrics),
+        memo=kopf.Memo(settings=settings, metrics=metrics, lease=leader_elect, lease_namespace=lease_namespace),
     )
 
 
@@ -58,12 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="watch only this namespace (default: $KUBETUNE_NAMESPACE, else all namespaces)",
     )
     parser.add_argument(
-        "--peering",
-        metavar="NAME",
+        "--leader-elect",
+        metavar="LEASE",
         default=None,
-        help="run as one of several replicas: coordinate through the kopf peering object NAME (a "
-        "ClusterKopfPeering, or a KopfPeering in the watched namespace; the Helm chart creates it); the "
-        "oldest replica acts, the others stand by",
+        help="run as one of several replicas: elect a leader through the coordination.k8s.io Lease LEASE in "
+        "$POD_NAMESPACE (else the watched namespace, else default); the holder acts, the others stand by",
     )
     parser.add_argument("--liveness-port", type=int, default=None, help="serve /healthz on this port")
     parser.add_argument(
@@ -95,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         run(
             namespace=args.namespace,
-            peering=args.peering,
+            leader_elect=args.leader_elect,
             liveness_port=args.liveness_port,
             metrics_port=metrics_port,
         )

@@ -19,9 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # A tiny CPU job steps within a minute; a large model on GPUs after its download, minutes to an hour.
 FIRST_STEP_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
-HANDLERS = ("create", "resume", "pod_event", "tick", "progress")
-"""The ``handler`` label's values: exported at 0 from the start, so a rate of errors is 0, not
-absent, on an operator that has had none."""
+HANDLERS = ("create", "resume", "update", "pod_event", "tick")
+"""The ``handler`` label's values, why a pass ran (the job was created, found at start-up, its
+spec changed, a pod changed, time passed): exported at 0 from the start, so a rate of errors is
+0, not absent, on an operator that has had none."""
 
 
 class OperatorMetrics:
@@ -30,15 +31,15 @@ class OperatorMetrics:
         self.jobs = Gauge(names.OPERATOR_JOBS, "FineTuneJobs the operator sees, by status.phase.", ["phase"],
                           registry=self.registry)
         self.reconciles = Counter(
-            names.OPERATOR_RECONCILES, "Handler runs (job created or resumed, worker pod changed, tick).", ["handler"],
+            names.OPERATOR_RECONCILES, "Reconcile passes, by why they ran.", ["handler"],
             registry=self.registry,
         )
         self.reconcile_errors = Counter(
-            names.OPERATOR_RECONCILE_ERRORS, "Handler runs that raised (kopf retries them).", ["handler"],
+            names.OPERATOR_RECONCILE_ERRORS, "Reconcile passes that raised (retried with a back-off).", ["handler"],
             registry=self.registry,
         )
         self.reconcile_seconds = Histogram(
-            names.OPERATOR_RECONCILE_SECONDS, "Time one handler run took: read the job, reconcile, carry out.",
+            names.OPERATOR_RECONCILE_SECONDS, "Time one reconcile pass took: read the job, reconcile, carry out.",
             ["handler"], buckets=RECONCILE_BUCKETS, registry=self.registry,
         )
         self.pods_created = Counter(names.OPERATOR_PODS_CREATED, "Worker pods the operator created.",

@@ -147,7 +147,7 @@ def reconcile(job: Job, pods: Sequence[Mapping[str, Any]], settings: OperatorSet
         return _finished(job, observed, now)
     try:
         check_job_name(job.ref.name)
-        spec = parse_spec(dict(job.spec))
+        spec = parse_spec(job.spec)
     except InvalidObjectError as error:
         # Only for what the API server could not check (deepspeed.config keys), or a server
         # without the CRD's rules: the job cannot run as written, and says why.
@@ -500,7 +500,7 @@ def _cleanup(policy: RunPolicy, pods: Sequence[PodObservation]) -> tuple[Action,
 def _finished(job: Job, observed: list[PodObservation], now: datetime) -> Outcome:
     """A finished job only cleans up and, past its TTL, deletes itself; it never runs again."""
     try:
-        policy = parse_spec(dict(job.spec)).run_policy
+        policy = parse_spec(job.spec).run_policy
     except InvalidObjectError:
         policy = RunPolicy()
     actions: tuple[Action, ...] = _cleanup(policy, observed)
@@ -551,7 +551,7 @@ def forbidden(job: Job, child: Mapping[str, Any], error: str, now: datetime) -> 
 
 def _skips_preflight(job: Job) -> bool:
     try:
-        return parse_spec(dict(job.spec)).run_policy.skip_preflight
+        return parse_spec(job.spec).run_policy.skip_preflight
     except InvalidObjectError:
         return False
 

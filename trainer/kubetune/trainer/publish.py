@@ -12,12 +12,20 @@ A reader that sees no ``manifest.json`` sees no adapter, so publishing goes:
    leaves the bucket; :func:`staging_uri`), each object with its sha256 as user metadata;
 2. verify the staged objects (HEAD: size and sha256) - a mismatch fails before anything
    under adapterUri changes;
-3. remove an older ``manifest.json`` under adapterUri (a re-run over an old adapter must not
-   show the old manifest beside new files), then copy the files into place server-side;
-4. write ``manifest.json`` LAST (files with size + sha256, the job: namespace, name and uid,
+3. take the publish lock of adapterUri (:class:`PublishLock`, an object written with
+   If-None-Match beside it), waiting while another publisher holds it, and check step 0 again:
+   two publishers racing for one adapterUri would otherwise interleave their copies and leave
+   one's manifest beside the other's files (found by the chaos tests), or both pass step 0;
+4. remove an older ``manifest.json`` under adapterUri (a re-run over an old adapter must not
+   show the old manifest beside new files), then copy the files into place server-side,
+   renewing the lock before each (a publisher that lost it stops before writing anything);
+5. write ``manifest.json`` LAST (files with size + sha256, the job: namespace, name and uid,
    base model, resolved config, metrics, kubetune version); the sha256 of its bytes goes into
    the success termination message, so the operator knows which publish is its job's;
-5. delete the staging prefix (also on failure).
+6. release the lock and delete the staging prefix (also on failure).
+
+So a reader that reads manifest.json, then the files, then manifest.json again and finds it
+unchanged has read one adapter whole (each file matches the manifest's sha256).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 from kubetune.trainer.errors import ConfigError, TrainerError
 from kubetune.trainer.plot import PLOT_NAME, render_loss_curve
 from kubetune.trainer.s3 import (
-    copy_object, delete_object, delete_prefix, get_bytes, head, join_uri, parse_s3_uri, put_bytes, upload_file,
+    ConditionalWritesUnsupported, copy_object, delete_object, delete_prefix, get_bytes, get_object, head, join_uri,
+    parse_s3_uri, put_bytes, put_if, upload_file,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +59,14 @@ log = logging.getLogger("kubetune.trainer")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 ROOT_STAGING_PREFIX = ".kubetune-staging-"
+LOCK_SUFFIX = ".staging-lock"
+"""The publish lock of ``s3://b/a/`` is ``s3://b/a.staging-lock``: in the staging namespace
+beside adapterUri, so credentials that may stage an adapter may also lock it."""
+LOCK_STALE_SECONDS = 600.0
+"""A lock not renewed for this long is a crashed publisher's and is taken over: a live holder
+renews it before every file it copies (server-side copies, seconds each)."""
+LOCK_PAUSES = (0.2, 5.0)
+"""First and longest pause (seconds) between tries while another publisher holds the lock."""
 
 
 @dataclass(frozen=True)
@@ -95,24 +114,32 @@ def publish_adapter(
     manifest = build_manifest(adapter_dir, config, results)
     target = config.output.adapter_uri
     staging = staging_uri(target)
+    lock = PublishLock(client, target, manifest["job"])
     try:
         for entry in manifest["files"]:
             upload_file(client, adapter_dir / entry["path"], join_uri(staging, entry["path"]),
                         metadata={"sha256": entry["sha256"]})
         for entry in manifest["files"]:
             _verify(client, join_uri(staging, entry["path"]), entry)
+        lock.acquire()
+        check_may_publish(client, config)  # again: another publisher may have published meanwhile
+        lock.renew()  # before each change under adapterUri: the lock is still this publisher's
         if head(client, join_uri(target, MANIFEST_NAME)) is not None:
             delete_object(client, join_uri(target, MANIFEST_NAME))
         for entry in manifest["files"]:
+            lock.renew()
             copy_object(client, join_uri(staging, entry["path"]), join_uri(target, entry["path"]))
             _verify(client, join_uri(target, entry["path"]), entry)
         document = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        lock.renew()
         put_bytes(client, document, join_uri(target, MANIFEST_NAME))
     finally:
-        try:
-            delete_prefix(client, staging)
-        except TrainerError as exc:  # never hide the real failure behind a cleanup one
-            log.warning("could not remove the staging prefix %s: %s", staging, exc)
+        for cleanup, what in ((lock.release, f"release the publish lock {lock.uri}"),
+                              (lambda: delete_prefix(client, staging), f"remove the staging prefix {staging}")):
+            try:
+                cleanup()
+            except TrainerError as exc:  # never hide the real failure behind a cleanup one
+                log.warning("could not %s: %s", what, exc)
     return Published(manifest, hashlib.sha256(document).hexdigest())
 
 
@@ -145,6 +172,120 @@ def check_may_publish(client: S3Client, config: TrainerConfig) -> str | None:
             "spec.output.overwrite: true to replace it, or choose another adapterUri"
         )
     return f"replaces the adapter published there ({'by this job' if ours else _describe(owner)})"
+
+
+def lock_uri(adapter_uri: str) -> str:
+    """The publish lock beside adapterUri (inside the bucket for an adapterUri at its root)."""
+    bucket, key = parse_s3_uri(adapter_uri)
+    if not key.strip("/"):
+        return f"s3://{bucket}/{ROOT_STAGING_PREFIX}lock"
+    return adapter_uri.rstrip("/") + LOCK_SUFFIX
+
+
+class PublishLock:
+    """One publisher at a time per adapterUri: a small object created with If-None-Match: *
+    (S3 creates it for one writer only) and renewed with If-Match: <its ETag> before every
+    change under adapterUri, so a publisher that lost it (taken over as stale) stops at once.
+
+    Its body names the job and a random token: a write whose answer was lost (the connection
+    died after S3 acted) is recognised as the publisher's own on the retry. A lock of this
+    same job (uid) is an earlier attempt's that died publishing (the operator starts the next
+    attempt only once every pod of the last one is gone) and is taken over at once; another
+    job's is waited for until it is released or stale (LOCK_STALE_SECONDS, by S3's clock).
+    Where the store answers 501 to conditional writes, publishing goes on without the lock,
+    with a warning: concurrent publishers of one adapterUri are then not excluded.
+    """
+
+    def __init__(self, client: S3Client, adapter_uri: str, job: dict[str, Any]) -> None:
+        self.client, self.adapter_uri, self.uri, self.job = client, adapter_uri, lock_uri(adapter_uri), job
+        self.token = uuid.uuid4().hex
+        self.etag: str | None = None
+        """The ETag of the lock as this publisher last wrote it; None while it holds none."""
+
+    def acquire(self) -> None:
+        pause, announced = LOCK_PAUSES[0], None
+        while True:
+            try:
+                self.etag = put_if(self.client, self._document(), self.uri, etag=None)
+            except ConditionalWritesUnsupported as exc:
+                log.warning("%s: publishing %s without a lock, so concurrent publishers of it are not excluded",
+                            exc, self.adapter_uri)
+                return
+            if self.etag is not None:
+                return
+            found = get_object(self.client, self.uri)
+            holder = {} if found is None else _lock_holder(found.body)
+            if found is not None and holder.get("token") == self.token:  # our own write, whose answer was lost
+                self.etag = found.etag
+                return
+            job = holder.get("job") if isinstance(holder.get("job"), dict) else {}
+            earlier_attempt = bool(self.job.get("uid")) and job.get("uid") == self.job["uid"]
+            if found is not None and (earlier_attempt or found.age > LOCK_STALE_SECONDS):
+                why = "an earlier attempt of this job" if earlier_attempt else f"not renewed for {found.age:.0f}s"
+                log.warning("taking over the publish lock %s (%s, %s)", self.uri, _holder(holder), why)
+                try:
+                    self.etag = put_if(self.client, self._document(), self.uri, etag=found.etag)
+                except ConditionalWritesUnsupported:  # If-None-Match but no If-Match: remove it, create anew
+                    delete_object(self.client, self.uri)
+                    continue
+                if self.etag is not None:
+                    return
+                continue  # someone else changed it first: look again
+            if found is not None and announced != found.etag:
+                log.info("%s is being published by %s (lock %s): waiting until it is done",
+                         self.adapter_uri, _holder(holder), self.uri)
+                announced = found.etag
+            time.sleep(pause * random.uniform(0.5, 1.0))  # (found None: released meanwhile, try again soon)
+            pause = LOCK_PAUSES[0] if found is None else min(2 * pause, LOCK_PAUSES[1])
+
+    def renew(self) -> None:
+        """Rewrite the lock if it is still this publisher's; raise TrainerError if it is not."""
+        if self.etag is None:
+            return  # no conditional writes on this store
+        try:
+            etag = put_if(self.client, self._document(), self.uri, etag=self.etag)
+        except ConditionalWritesUnsupported:
+            return  # If-None-Match but no If-Match: the lock holds, unrenewed
+        if etag is None:
+            found = get_object(self.client, self.uri)
+            holder = {} if found is None else _lock_holder(found.body)
+            if found is None or holder.get("token") != self.token:
+                self.etag = None
+                raise TrainerError(
+                    f"{self.adapter_uri}: another publisher took the publish lock {self.uri} "
+                    f"({_holder(holder) if found else 'now gone'}): this one stopped before writing manifest.json. "
+                    f"Either this one left it unrenewed for {LOCK_STALE_SECONDS:.0f}s or the S3 endpoint does "
+                    "not honour conditional writes; restart the job"
+                )
+            etag = found.etag  # our own write, whose answer was lost
+        self.etag = etag
+
+    def release(self) -> None:
+        if self.etag is None:
+            return
+        found = get_object(self.client, self.uri)
+        if found is not None and _lock_holder(found.body).get("token") == self.token:
+            delete_object(self.client, self.uri)
+        self.etag = None
+
+    def _document(self) -> bytes:
+        return json.dumps({"token": self.token, "job": self.job, "adapterUri": self.adapter_uri,
+                           "renewedAt": datetime.now(UTC).isoformat(timespec="seconds")}).encode()
+
+
+def _holder(holder: dict[str, Any]) -> str:
+    job = holder.get("job") if isinstance(holder.get("job"), dict) else {}
+    if not job.get("name"):
+        return "a publisher that names no kubetune job"
+    return f"job {job.get('namespace', '?')}/{job['name']} uid {job.get('uid') or '(none)'}"
+
+
+def _lock_holder(document: bytes) -> dict[str, Any]:
+    try:
+        holder = json.loads(document)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def _manifest_job(document: bytes) -> dict[str, Any]:

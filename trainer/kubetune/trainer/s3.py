@@ -10,13 +10,19 @@ plain TrainerError (transient, exit 1) for what a retry may cure (no connection,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import boto3
 from boto3.exceptions import Boto3Error
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError, ClientError, EndpointConnectionError, IncompleteReadError, NoCredentialsError, ReadTimeoutError,
+    ResponseStreamingError,
+)
 
 from kubetune.trainer.errors import AccessError, ConfigError, TrainerError
 
@@ -39,11 +45,13 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def make_client(storage: Storage, *, access_key: str | None = None,
-                secret_key: str | None = None) -> S3Client:
+def make_client(storage: Storage, *, access_key: str | None = None, secret_key: str | None = None,
+                connect_timeout: float = 10, read_timeout: float = 120) -> S3Client:
     """A boto3 S3 client for ``storage``: path-style addressing (works with MinIO, moto and
     in-cluster Services whose names are not DNS wildcards) and boto's standard retry mode.
-    Credentials come from boto's usual chain (in a pod: the Secret's env vars) unless given."""
+    Credentials come from boto's usual chain (in a pod: the Secret's env vars) unless given.
+    Checksums per ``storage.checksums`` (spec.py says why "when_required" is the default).
+    The timeouts are seconds per connection attempt and per read (tests shorten them)."""
     return boto3.client(
         "s3",
         endpoint_url=storage.endpoint,
@@ -53,8 +61,10 @@ def make_client(storage: Storage, *, access_key: str | None = None,
         config=Config(
             s3={"addressing_style": "path"},
             retries={"mode": "standard", "max_attempts": 5},
-            connect_timeout=10,
-            read_timeout=120,
+            request_checksum_calculation=storage.checksums,
+            response_checksum_validation=storage.checksums,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
         ),
     )
 
@@ -88,7 +98,8 @@ def download_prefix(client: S3Client, uri: str, dest_dir: Path) -> list[Path]:
                     continue  # folder marker objects some tools create
                 target = dest_dir.joinpath(*PurePosixPath(relative).parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["Key"], str(target))
+                with _explained(f"s3://{bucket}/{obj['Key']}", bucket, client):  # errors name the object
+                    client.download_file(bucket, obj["Key"], str(target))
                 written.append(target)
     if not written:
         raise AccessError(
@@ -117,26 +128,85 @@ def put_bytes(client: S3Client, data: bytes, uri: str) -> None:
 
 def get_bytes(client: S3Client, uri: str) -> bytes | None:
     """The body of a small object (a manifest), None if there is no such object."""
+    found = get_object(client, uri)
+    return None if found is None else found.body
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A small object as read: its bytes, its ETag and how long ago it was written."""
+
+    body: bytes
+    etag: str
+    age: float
+    """Seconds since it was last written, by the S3 server's clock (its Date and Last-Modified
+    headers: a skewed node clock does not matter)."""
+
+
+BODY_ATTEMPTS = 3
+"""Reads of a small object's body: botocore retries a request until its headers arrive, not a
+body cut short after them (a reset, a read timeout, fewer bytes than Content-Length)."""
+
+
+def get_object(client: S3Client, uri: str) -> Stored | None:
+    """A small object (a manifest, a lock), None if there is no such object."""
     bucket, key = parse_s3_uri(uri)
-    try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404 and exc.response.get(
-                "Error", {}).get("Code") != "NoSuchBucket":
-            return None
-        with _explained(uri, bucket, client):
-            raise
+    attempt = 1
+    with _explained(uri, bucket, client):
+        while True:
+            try:
+                response = client.get_object(Bucket=bucket, Key=key)
+                body = response["Body"].read()
+                break
+            except ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404 and exc.response.get(
+                        "Error", {}).get("Code") != "NoSuchBucket":
+                    return None
+                raise
+            except (ReadTimeoutError, IncompleteReadError, ResponseStreamingError):
+                if attempt == BODY_ATTEMPTS:
+                    raise
+                attempt += 1
+    date = response["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date) if date else datetime.now(UTC)
+    return Stored(body, response["ETag"], (now - response["LastModified"]).total_seconds())
 
 
 def head(client: S3Client, uri: str) -> dict | None:
     """The object's HEAD response (size in ``ContentLength``, user ``Metadata``), None if absent."""
     bucket, key = parse_s3_uri(uri)
-    try:
-        return client.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            return None
-        with _explained(uri, bucket, client):
+    with _explained(uri, bucket, client):
+        try:
+            return client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+
+
+class ConditionalWritesUnsupported(TrainerError):
+    """The S3 endpoint answered 501 NotImplemented to a conditional write (If-None-Match or
+    If-Match on PutObject): an S3-compatible store that predates them."""
+
+
+def put_if(client: S3Client, data: bytes, uri: str, *, etag: str | None) -> str | None:
+    """Write a small object only if it does not exist (``etag`` None: If-None-Match: *) or is
+    still the version with that ETag (If-Match); its new ETag, or None when the condition
+    failed (412 PreconditionFailed; 409 ConditionalRequestConflict: a concurrent conditional
+    write). AWS S3 has had both since 2024, as have MinIO, Ceph RGW and moto."""
+    bucket, key = parse_s3_uri(uri)
+    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    with _explained(uri, bucket, client):
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            if status == 501 or code == "NotImplemented":
+                raise ConditionalWritesUnsupported(
+                    f"{uri}: the S3 endpoint does not implement conditional writes ({code or status})") from None
             raise
 
 
@@ -215,6 +285,10 @@ class _explained:
                                "check storage.endpoint and the network") from None
         if isinstance(exc, ClientError):
             raise self._client_error(exc) from None
+        last = getattr(exc, "last_exception", None)
+        if isinstance(exc, Boto3Error) and last is not None:  # boto3's download retries used up
+            raise TrainerError(f"{self.uri}: the download kept breaking off, the last time with: {last}; "
+                               "check storage.endpoint and the network") from None
         if isinstance(exc, (BotoCoreError, Boto3Error)):  # timeouts, dropped connections, retries used up
             raise TrainerError(f"{self.uri}: S3 client error: {exc}") from None
         return False

@@ -135,11 +135,13 @@ def store_for(job: dict[str, Any], kubectl: Kubectl, args: argparse.Namespace) -
     job_secret = storage.get("credentialsSecret")
     hint = (f", or pass --credentials-secret {job_secret} (the job's Secret) to use its keys"
             if job_secret and not secret else "")
+    checksums = storage.get("checksums") or "when_required"  # the job's setting, as its trainer used it
     client = boto3.client(
         "s3", endpoint_url=endpoint, region_name=storage.get("region") or os.environ.get("AWS_REGION") or "us-east-1",
         aws_access_key_id=keys.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=keys.get("AWS_SECRET_ACCESS_KEY"),
         aws_session_token=keys.get("AWS_SESSION_TOKEN"),
         config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 3},
+                      request_checksum_calculation=checksums, response_checksum_validation=checksums,
                       connect_timeout=10, read_timeout=60),
     )
     return Store(client, endpoint, hint, source)

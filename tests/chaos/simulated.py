@@ -1,0 +1,155 @@
+"""The operator against the real control plane with kwok's simulated nodes: workers "run" for a
+few seconds and succeed, so the chaos rows about the operator's own decisions (it is killed,
+jobs are deleted and re-created) cost seconds per trial, not a training run each.
+
+``Operator``: the operator as its own process, as in a pod, that a test kills (SIGKILL) and
+starts again. ``PodLedger``: every worker pod the API server has held, from a watch, checking
+at each event that no rank of a job ever has two pods at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, watch
+
+from kubetune.api.labels import JOB_UID_LABEL, REPLICA_INDEX_LABEL
+from kubetune.localcluster.processes import free_port
+
+KUBETUNE = str(Path(sys.executable).parent / "kubetune")
+NAMESPACE = "default"
+
+
+def finetunejob(name: str, workers: int = 4, **run_policy: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "model": {"uri": "s3://models/tiny-llama/"},
+            "dataset": {"uri": "s3://datasets/quickstart/train.jsonl", "format": "text"},
+            "training": {"microBatchSize": 1, "globalBatchSize": 840},
+            "workers": {"replicas": workers},
+            "output": {"adapterUri": f"s3://adapters/{name}/"},
+            "runPolicy": {"skipPreflight": True, **run_policy},
+        },
+    }
+
+
+@dataclass
+class Operator:
+    """``kubetune operator`` as a child process; ``kill()`` is SIGKILL (no clean-up of any kind)."""
+
+    kubeconfig: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+
+    def start(self) -> Operator:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBETUNE_METRICS_PORT": str(free_port()),
+               **self.env}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([KUBETUNE, "operator", *self.args], stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.started_at = time.monotonic()
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)  # a frozen one, too
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class PodLedger:
+    """Worker pods as the API server holds them, from one watch: ``live[(job uid, rank)]`` is the
+    set of pod names that exist for that rank now; ``duplicates`` every instant one held two."""
+
+    def __init__(self, core: client.CoreV1Api) -> None:
+        self.core = core
+        self.live: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
+        self.uids_seen: set[str] = set()
+        self.duplicates: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PodLedger:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def pods_of(self, uid: str) -> set[str]:
+        with self._lock:
+            return {name for (owner, _), names in self.live.items() if owner == uid for name in names}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            resource_version = None
+            try:
+                listing = self.core.list_namespaced_pod(NAMESPACE, label_selector=JOB_UID_LABEL)
+                with self._lock:
+                    self.live.clear()
+                    for pod in listing.items:
+                        self._add(pod)
+                resource_version = listing.metadata.resource_version
+                for event in watch.Watch().stream(self.core.list_namespaced_pod, NAMESPACE,
+                                                  label_selector=JOB_UID_LABEL, resource_version=resource_version,
+                                                  timeout_seconds=20):
+                    pod = event["object"]
+                    with self._lock:
+                        if event["type"] == "DELETED":
+                            self.live[self._rank(pod)].discard(pod.metadata.name)
+                        else:
+                            self._add(pod)
+                    if self._stop.is_set():
+                        return
+            except Exception:  # noqa: BLE001 - the watch is re-listed
+                time.sleep(0.2)
+
+    def _add(self, pod: client.V1Pod) -> None:
+        rank = self._rank(pod)
+        self.uids_seen.add(rank[0])
+        self.live[rank].add(pod.metadata.name)
+        if len(self.live[rank]) > 1:
+            self.duplicates.append(f"job uid {rank[0]} rank {rank[1]}: {sorted(self.live[rank])}")
+
+    @staticmethod
+    def _rank(pod: client.V1Pod) -> tuple[str, str]:
+        labels = pod.metadata.labels or {}
+        return labels.get(JOB_UID_LABEL, "?"), labels.get(REPLICA_INDEX_LABEL, "preflight")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(interval)
