@@ -232,11 +232,13 @@ def operator_requests(audit_log: Path) -> collections.Counter[tuple[str, str]]:
     return counts
 
 
-def start_operator(kubeconfig: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def start_operator(kubeconfig: Path, log_path: Path, cluster_prefix: str) -> subprocess.Popen[bytes]:
+    from kubetune.localcluster.leftovers import MARKER_ENV
     from kubetune.localcluster.processes import free_port
 
     port = free_port()
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_METRICS_PORT": str(port)}
+    # The cluster's marker: a crashed run's operator goes with the cluster's leftovers.
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_METRICS_PORT": str(port), MARKER_ENV: cluster_prefix}
     with open(log_path, "ab") as log:
         operator = subprocess.Popen([KUBETUNE, "operator"], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -269,14 +271,14 @@ def run_count(count: int, args: argparse.Namespace) -> dict[str, Any]:
         api_client.user_agent = BENCH_AGENT
         nodes = SimulatedNodes(cluster.kubeconfig, Path(state) / "kwok", count=args.nodes,
                                run_seconds=args.run_seconds, jitter_seconds=args.jitter_seconds,
-                               pods=max(110, 2 * sum(sizes) // args.nodes))
+                               pods=max(110, 2 * sum(sizes) // args.nodes), cluster_prefix=cluster.prefix)
         with nodes:
             for kind in ("baseline", "kubetune"):
                 names = [f"{'ftj' if kind == 'kubetune' else 'job'}-{index:04d}" for index in range(count)]
                 by_name = dict(zip(names, sizes))
                 maker = finetunejob if kind == "kubetune" else indexed_job
                 objects = [maker(name, size) for name, size in by_name.items()]
-                operator = start_operator(cluster.kubeconfig, Path(state) / "operator.log") \
+                operator = start_operator(cluster.kubeconfig, Path(state) / "operator.log", cluster.prefix) \
                     if kind == "kubetune" else None
                 watcher = Watcher(api_client, kind).start()
                 time.sleep(1)

@@ -1,4 +1,4 @@
-"""A fault-injecting HTTP reverse proxy for chaos tests: S3 today, the Kubernetes API server later.
+"""A fault-injecting HTTP reverse proxy for chaos tests: S3, and the Kubernetes API server.
 
 ``FaultProxy(upstream)`` listens on a loopback port (``.url``) and forwards every request to
 ``upstream`` as the client sent it: method, undecoded path and query, every header (``Host``
@@ -13,7 +13,8 @@ Faults are rules a test may change at any time (``add``, ``clear``); the first r
 request (``method`` and ``path`` are regular expressions, the path includes the query) that
 fires (``probability``; ``times``: for the next N matching requests only) decides its fate:
 
-- ``status``: answer ``status`` with ``body`` (see :func:`s3_error`) instead of the upstream;
+- ``status``: answer ``status`` with ``body`` and ``headers`` (see :func:`s3_error`,
+  :func:`k8s_status`) instead of the upstream;
 - ``reset``: reset the connection (TCP RST) without an answer;
 - ``delay``: wait ``seconds`` (beyond the client's read timeout: a timeout), then forward the
   request, which may so reach the upstream after the client's retry of it;
@@ -23,22 +24,27 @@ fires (``probability``; ``times``: for the next N matching requests only) decide
 
 ``forward=True`` (status, reset, delay) lets the upstream handle the request first: it took
 effect, only its answer is lost or late, as when a connection dies after the server acted.
-Every request is logged in ``.seen`` (method, path, headers, the fault it got).
+Every request is logged in ``.seen`` (method, path, headers, the fault it got, when).
+``cut(path)`` closes the responses still streaming (a Kubernetes watch) whose path matches, as
+a load balancer failing over does; with a ``blackhole`` rule for their path, their clients'
+reconnections then reach a backend that accepts and never answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientError, ClientResponse, ClientSession, ClientTimeout, TCPConnector, web
 from yarl import URL
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -58,6 +64,9 @@ class Fault:
     probability: float = 1.0
     status: int = 500
     body: bytes = b""
+    content_type: str = "application/xml"
+    headers: dict[str, str] = field(default_factory=dict)
+    """Headers of a ``status`` answer besides its Content-Type (``Retry-After``)."""
     seconds: float = 0.0
     after_bytes: int = 0
     rst: bool = False
@@ -70,6 +79,8 @@ class Seen:
     path: str
     headers: dict[str, str]
     fault: str | None
+    at: float = 0.0
+    """time.monotonic() when the request arrived."""
 
 
 def s3_error(status: int, code: str, message: str, **fault: object) -> Fault:
@@ -77,6 +88,18 @@ def s3_error(status: int, code: str, message: str, **fault: object) -> Fault:
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
             f"<RequestId>faultproxy</RequestId></Error>").encode()
     return Fault("status", status=status, body=body, **fault)  # type: ignore[arg-type]
+
+
+def k8s_status(status: int, reason: str, message: str = "", **fault: object) -> Fault:
+    """A ``status`` fault answering as the Kubernetes API server does, with a ``Status`` object:
+    ``k8s_status(429, "TooManyRequests", headers={"Retry-After": "1"})``."""
+    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message or f"faultproxy: {reason}", "reason": reason, "code": status}
+    retry_after = dict(fault.get("headers") or {}).get("Retry-After")  # type: ignore[call-overload]
+    if retry_after is not None:
+        body["details"] = {"retryAfterSeconds": int(retry_after)}
+    return Fault("status", status=status, body=json.dumps(body).encode(),  # type: ignore[arg-type]
+                 content_type="application/json", **fault)
 
 
 @dataclass
@@ -95,6 +118,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="faultproxy", daemon=True)
+        # Responses being streamed, by id(request) (requests are not hashable): what cut() cuts.
+        self._streams: dict[int, tuple[web.BaseRequest, ClientResponse]] = {}
 
     # ---- the test's side -------------------------------------------------------------
     def add(self, *faults: Fault) -> FaultProxy:
@@ -105,6 +130,20 @@ class FaultProxy:
     def clear(self) -> None:
         with self._lock:
             self.faults.clear()
+
+    def cut(self, path: str = ".*", rst: bool = True) -> int:
+        """Close every response still streaming whose path (with its query) matches ``path``:
+        the client's connection (RST, or FIN with ``rst=False``) and the upstream's. Returns how
+        many were cut."""
+        async def cut() -> int:
+            matching = [(request, upstream) for request, upstream in self._streams.values()
+                        if re.search(path, request.raw_path)]
+            for request, upstream in matching:
+                self._streams.pop(id(request), None)
+                _cut(request, rst=rst)
+                upstream.close()
+            return len(matching)
+        return asyncio.run_coroutine_threadsafe(cut(), self._loop).result(30)
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()
@@ -159,7 +198,8 @@ class FaultProxy:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         fault = self._pick(request.method, request.raw_path)
-        self.seen.append(Seen(request.method, request.raw_path, dict(request.headers), fault and fault.kind))
+        self.seen.append(Seen(request.method, request.raw_path, dict(request.headers), fault and fault.kind,
+                              time.monotonic()))
         if fault is None or fault.kind == "truncate" or fault.forward:
             return await self._forward(request, fault)
         if fault.kind == "blackhole":
@@ -192,6 +232,7 @@ class FaultProxy:
                 return response
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             _copy_headers(upstream.headers, response)
+            self._streams[id(request)] = (request, upstream)
             try:
                 await response.prepare(request)
                 sent = 0
@@ -207,13 +248,20 @@ class FaultProxy:
                 await response.write_eof()
             except ConnectionError:  # the client went away (gave up): nothing more to send
                 pass
+            except ClientError:
+                if id(request) in self._streams:
+                    raise
+                # cut(): the upstream closed under the loop
+            finally:
+                self._streams.pop(id(request), None)
             return response
 
 
 def _misbehave(request: web.BaseRequest, fault: Fault) -> web.StreamResponse:
     if fault.kind != "status":  # reset, or a blackhole the proxy is closing
         return _cut(request, rst=True)
-    response = web.Response(status=fault.status, body=fault.body, content_type="application/xml")
+    response = web.Response(status=fault.status, body=fault.body, content_type=fault.content_type,
+                            headers=fault.headers)
     response.force_close()  # the client may still hold a body it was told to wait with
     return response
 

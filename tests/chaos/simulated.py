@@ -4,7 +4,9 @@ jobs are deleted and re-created) cost seconds per trial, not a training run each
 
 ``Operator``: the operator as its own process, as in a pod, that a test kills (SIGKILL) and
 starts again. ``PodLedger``: every worker pod the API server has held, from a watch, checking
-at each event that no rank of a job ever has two pods at once.
+at each event that no rank of a job ever has two pods at once. ``PhaseLog``: every job's
+``status.phase`` as the API server changed it, from a watch, to check that it only ever moves
+forward.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.labels import JOB_UID_LABEL, REPLICA_INDEX_LABEL
 from kubetune.localcluster.processes import free_port
@@ -142,6 +145,86 @@ class PodLedger:
     def _rank(pod: client.V1Pod) -> tuple[str, str]:
         labels = pod.metadata.labels or {}
         return labels.get(JOB_UID_LABEL, "?"), labels.get(REPLICA_INDEX_LABEL, "preflight")
+
+
+PHASE_ORDER = ("Pending", "Validating", "Running", "Publishing", "Succeeded")
+"""The phases a job that nothing fails goes through, in order (Validating with a preflight)."""
+
+
+class PhaseLog:
+    """``phases[name]``: the (status.phase, status.launched.attempt) pairs a job went through, as
+    one watch of FineTuneJobs (in its own thread) saw them, repeats dropped. The watch resumes
+    from its last resourceVersion when it breaks (the API server restarting), and lists again
+    only when that is gone (410): the states in between are then unseen, never invented."""
+
+    def __init__(self, custom: client.CustomObjectsApi) -> None:
+        self.custom = custom
+        self.phases: dict[str, list[tuple[str | None, int | None]]] = collections.defaultdict(list)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PhaseLog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def of(self, name: str) -> list[tuple[str | None, int | None]]:
+        with self._lock:
+            return list(self.phases[name])
+
+    def backwards(self, name: str) -> list[str]:
+        """Every step of ``name`` that went back (or aside: a phase a job nothing fails never
+        has), or to an earlier attempt."""
+        bad, rank, attempt = [], -1, 0
+        for phase, launched in self.of(name):
+            if phase is not None and phase not in PHASE_ORDER:
+                bad.append(f"{name}: phase {phase}")
+            elif phase is not None:
+                if PHASE_ORDER.index(phase) < rank:
+                    bad.append(f"{name}: {PHASE_ORDER[rank]} -> {phase}")
+                rank = max(rank, PHASE_ORDER.index(phase))
+            if launched is not None:
+                if launched < attempt:
+                    bad.append(f"{name}: attempt {attempt} -> {launched}")
+                attempt = max(attempt, launched)
+        return bad
+
+    def _record(self, job: dict[str, Any]) -> None:
+        status = job.get("status") or {}
+        state = (status.get("phase"), (status.get("launched") or {}).get("attempt"))
+        with self._lock:
+            seen = self.phases[job["metadata"]["name"]]
+            if not seen or seen[-1] != state:
+                seen.append(state)
+
+    def _run(self) -> None:
+        args = ("kubetune.dev", "v1alpha1", NAMESPACE, "finetunejobs")
+        resource_version = None
+        while not self._stop.is_set():
+            try:
+                if resource_version is None:
+                    listing = self.custom.list_namespaced_custom_object(*args, _request_timeout=10)
+                    for job in listing["items"]:
+                        self._record(job)
+                    resource_version = listing["metadata"]["resourceVersion"]
+                for event in watch.Watch().stream(self.custom.list_namespaced_custom_object, *args,
+                                                  resource_version=resource_version, timeout_seconds=20,
+                                                  _request_timeout=30):
+                    job = event["object"]
+                    resource_version = job["metadata"]["resourceVersion"]
+                    if event["type"] != "DELETED":
+                        self._record(job)
+                    if self._stop.is_set():
+                        return
+            except ApiException as error:
+                if error.status == 410:  # too old: list again
+                    resource_version = None
+                time.sleep(0.2)
+            except Exception:  # noqa: BLE001 - the API server is away: resume from resource_version
+                time.sleep(0.2)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

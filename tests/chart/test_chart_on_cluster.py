@@ -7,6 +7,7 @@ operator reports; `helm uninstall` keeps the CRD and the jobs."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -119,6 +120,44 @@ def test_helm_install_runs_the_quickstart_with_the_operator_as_the_charts_pod(cl
     for name in names:
         logs = kubectl.run("logs", "-n", NAMESPACE, f"pod/{name}").stdout
         assert "forbidden" not in logs.lower() and "Not enough permissions" not in logs, logs[-3000:]
+
+
+def _can_i(kubectl: Kubectl, user: str, namespace: str) -> set[tuple[str, str]]:
+    """(resource, verb) pairs `kubectl auth can-i --list` shows for ``user`` in ``namespace``."""
+    listed = kubectl.run("auth", "can-i", "--list", f"--as={user}", "-n", namespace).stdout.splitlines()[1:]
+    pairs = set()
+    for line in listed:
+        match = re.match(r"^(\S*)\s+\[([^\]]*)\]\s+\[([^\]]*)\]\s+\[([^\]]*)\]\s*$", line)
+        assert match, line
+        resource, urls, _, verbs = match.groups()
+        pairs |= {(resource or urls, verb) for verb in verbs.split()}
+    return pairs
+
+
+def test_the_operators_service_account_may_do_exactly_what_the_chart_grants(cluster) -> None:
+    """Chaos row 9: what the API server lets the operator's ServiceAccount do, beyond what every
+    account may, is the chart's allow-list: no wildcard, no Secret, no pods/exec."""
+    from chaos_table import TABLE
+
+    _, kubectl, _ = cluster
+    operator = f"system:serviceaccount:{NAMESPACE}:kubetune"
+    granted = _can_i(kubectl, operator, JOBS) - _can_i(kubectl, f"system:serviceaccount:{NAMESPACE}:nobody", JOBS)
+    role = next(obj for obj in render({"replicaCount": 2}) if obj["kind"] == "ClusterRole")
+    allowed = set()
+    for rule in role["rules"]:
+        for resource in rule["resources"]:
+            base, _, sub = resource.partition("/")
+            name = base + (f".{rule['apiGroups'][0]}" if rule["apiGroups"][0] else "") + (f"/{sub}" if sub else "")
+            allowed |= {(name, verb) for verb in rule["verbs"]}
+    risky = {pair for pair in granted if pair[1] == "*" or pair[0] in ("*", "secrets", "pods/exec", "pods/attach")}
+    row = TABLE.row("RBAC: the operator's `auth can-i --list` is the chart's allow-list", figure="permissions")
+    row.record(granted == allowed and not risky, lost=len(risky), figure=float(len(granted)),
+               note=f"granted beyond the chart: {granted - allowed}; missing: {allowed - granted}")
+    assert granted == allowed and not risky, (granted - allowed, allowed - granted)
+    # The Lease, only in the operator's own namespace, only by its name.
+    assert ("leases.coordination.k8s.io", "update") in _can_i(kubectl, operator, NAMESPACE)
+    assert kubectl.run("auth", "can-i", "update", "lease/other", f"--as={operator}", "-n", NAMESPACE,
+                       check=False).stdout.strip() == "no"
 
 
 def test_prometheus_finds_the_operator_and_the_training_through_the_charts_monitors(cluster) -> None:

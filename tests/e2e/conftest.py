@@ -12,6 +12,7 @@ import pytest
 from botocore.config import Config
 
 sys.path.insert(0, str(Path(__file__).parent))  # e2e_tools
+sys.path.insert(0, str(Path(__file__).parent.parent / "chaos"))  # the chaos table: row 8 is scanned here
 
 from e2e_tools import REPO  # noqa: E402
 

@@ -13,7 +13,7 @@ import pytest
 from e2e_tools import REPO, manifest as _manifest, pids_of_job as _pids_of_job
 
 from kubetune.api import PHASES
-from kubetune.cli.demo import follow_job
+from kubetune.cli.demo import DEMO_ACCESS_KEY, DEMO_SECRET_KEY, follow_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -127,6 +127,8 @@ def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
     assert "spec.output.overwrite" in copycat["message"]
     assert json.loads(s3.get_object(Bucket="adapters", Key="quickstart/manifest.json")["Body"].read()) == manifest
     kubectl.run("delete", "ftj", "copycat")
+
+    _no_credential_anywhere(stack)
 
     # Deleting the job removes every child.
     kubectl.run("delete", "ftj", "quickstart")
@@ -244,3 +246,31 @@ def test_a_job_deleted_and_re_applied_at_once_runs_on_its_own_pods(stack):
     while _pids_of_job("again") and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _pids_of_job("again") == []
+
+
+def _no_credential_anywhere(stack) -> None:
+    """Chaos row 8: the credentials the job's Secret holds appear nowhere a user, an admin or a
+    reader of the buckets can look: the operator's log and metrics, the trainers' logs (as
+    kubectl shows them and as archived in S3), Events, FineTuneJobs (status included),
+    ConfigMaps, pod specs, checkpoints, the published adapter and its manifest."""
+    from chaos_table import TABLE
+
+    kubectl, s3 = stack.kubectl, stack.s3
+    places: dict[str, bytes] = {
+        "operator log": (stack.state / "operator.log").read_bytes(),
+        "operator metrics": subprocess.run(["curl", "-s", stack.operator.metrics_url], capture_output=True).stdout,
+    }
+    for kind in ("events", "finetunejobs", "configmaps", "pods"):
+        places[kind] = kubectl.run("get", kind, "-A", "-o", "json").stdout.encode()
+    for pod in kubectl.run("get", "pods", "-l", "kubetune.dev/job-name=quickstart", "-o", "name").stdout.split():
+        places[f"kubectl logs {pod}"] = kubectl.run("logs", pod).stdout.encode()
+    for bucket in (entry["Name"] for entry in s3.list_buckets()["Buckets"]):  # adapters, checkpoints, logs
+        for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            if obj["Size"] <= 8 << 20:  # not the base model's weights
+                places[f"s3://{bucket}/{obj['Key']}"] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    secrets = (DEMO_ACCESS_KEY.encode(), DEMO_SECRET_KEY.encode())
+    leaks = sorted(place for place, text in places.items() for secret in secrets if secret in text)
+    row = TABLE.row("Credentials scanned for in logs, Events, status, ConfigMaps, pod specs, S3",
+                    figure="places scanned")
+    row.record(not leaks, lost=len(leaks), figure=float(len(places)), note=f"found in {leaks}")
+    assert not leaks, f"a credential value appears in {leaks}"

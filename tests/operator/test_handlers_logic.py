@@ -59,8 +59,11 @@ class FakeKube:
         self.reads += 1
         return copy.deepcopy(self.job)
 
-    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> str:
+    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any],
+                         resource_version: str | None = None) -> str:
         assert self.job is not None
+        if resource_version is not None and resource_version != self.job["metadata"].get("resourceVersion", "1"):
+            raise ApiException(status=409, reason="Conflict")
         self.status_patches.append(copy.deepcopy(patch))
         self.job["status"] = merge(self.job.get("status") or {}, patch)
         version = self.job["metadata"]["resourceVersion"] = str(int(self.job["metadata"].get("resourceVersion", 1)) + 1)
@@ -111,7 +114,8 @@ def make_job() -> dict[str, Any]:
     return {
         "apiVersion": "kubetune.dev/v1alpha1",
         "kind": "FineTuneJob",
-        "metadata": {"name": "quickstart", "namespace": "default", "uid": UID, "generation": 1},
+        "metadata": {"name": "quickstart", "namespace": "default", "uid": UID, "generation": 1,
+                     "resourceVersion": "1"},
         "spec": minimal_spec(workers={"replicas": 2}, storage={"credentialsSecret": "s3-credentials"}),
     }
 
@@ -376,6 +380,21 @@ def test_passes_read_the_watched_job_but_never_one_older_than_their_own_last_wri
     asyncio.run(scenario())
 
 
+def test_a_decision_on_a_job_changed_since_is_made_again_from_a_fresh_read(kube: FakeKube) -> None:
+    """Status writes are fenced by resourceVersion: a pass that read a stale copy (the watch
+    behind, or a replica that took over meanwhile) writes nothing and posts no Event from it."""
+    memo = memo_for(kube)
+    memo.update(jobs={}, indexes={"pods_by_job": {UID: []}})
+    stale = copy.deepcopy(kube.job)
+    kube.job["status"] = {"phase": "Validating", "message": "written by another replica"}
+    kube.job["metadata"]["resourceVersion"] = "2"
+    memo.jobs[UID] = handlers.Seen(1, None, None, False, body=stale)
+    asyncio.run(handlers._pass(handlers.JobKey("default", "quickstart", UID), "create", memo.jobs[UID], memo, LOG))
+    assert kube.reads == 1  # the stale decision was refused; the second came from a fresh read
+    assert [reason for _, reason, _ in kube.events] == []  # ...which saw Validating already: nothing new to say
+    assert len(kube.status_patches) == 1 and kube.job["status"]["phase"] == "Validating"
+
+
 def test_handlers_do_not_log_every_success() -> None:
     def record(message: str, level: int = logging.INFO) -> logging.LogRecord:
         return logging.LogRecord("kopf.objects", level, __file__, 1, message, None, None)
@@ -394,3 +413,22 @@ def test_a_status_patch_names_what_changed_and_removes_what_no_longer_holds() ->
     patch = status_patch(old, new)
     assert patch == {"phase": "Pending", "nextAttemptTime": None, "launched": {"attempt": 2, "runningTime": None}}
     assert merge(old, patch) == new
+
+
+def test_a_standby_replica_exports_no_job_series_until_it_takes_over() -> None:
+    async def scenario() -> kopf.Memo:
+        memo = kopf.Memo(metrics=OperatorMetrics(), locks={}, jobs={}, failures={}, queue=handlers.WorkQueue(),
+                         indexes={}, leading=asyncio.Event())
+        body = {"metadata": {"name": "a", "namespace": "default", "uid": "a-uid", "generation": 1},
+                "status": {"phase": "Running", "restarts": 2}}
+        await handlers.finetunejob_event(type=None, body=body, namespace="default", name="a", uid="a-uid", spec={},
+                                         status=body["status"], meta=body["metadata"], memo=memo, pods_by_job={})
+        return memo
+
+    memo = asyncio.run(scenario())
+    registry = memo.metrics.registry
+    labels = {"namespace": "default", "finetunejob": "a"}
+    assert registry.get_sample_value("kubetune_job_restarts", labels) is None
+    memo.leading.set()
+    handlers._export_jobs(memo)  # what taking the Lease does
+    assert registry.get_sample_value("kubetune_job_restarts", labels) == 2

@@ -14,6 +14,7 @@ def test_defaults_without_environment() -> None:
         liveness_port=None,
         metrics_port=8080,
         restart_backoff_seconds=10,
+        api_timeout_seconds=70,
     )
 
 
@@ -27,6 +28,7 @@ def test_values_from_environment() -> None:
             "KUBETUNE_LIVENESS_PORT": "8080",
             "KUBETUNE_METRICS_PORT": "9090",
             "KUBETUNE_RESTART_BACKOFF_SECONDS": "30",
+            "KUBETUNE_API_TIMEOUT_SECONDS": "5",
         }
     )
     assert settings.s3_endpoint == "http://s3.kubetune-system.svc.cluster.local:9000"
@@ -36,6 +38,7 @@ def test_values_from_environment() -> None:
     assert settings.liveness_port == 8080
     assert settings.metrics_port == 9090
     assert settings.restart_backoff_seconds == 30
+    assert settings.api_timeout_seconds == 5
 
 
 def test_metrics_port_0_turns_the_operator_metrics_off() -> None:
@@ -58,3 +61,10 @@ def test_bad_port_names_the_variable(value: str) -> None:
 def test_a_bad_restart_backoff_names_the_variable_and_the_range(value: str) -> None:
     with pytest.raises(SettingsError, match=r"KUBETUNE_RESTART_BACKOFF_SECONDS=.* set it to 0..3600"):
         OperatorSettings.from_env({"KUBETUNE_RESTART_BACKOFF_SECONDS": value})
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "3601"])
+def test_a_bad_api_timeout_names_the_variable_and_the_range(value: str) -> None:
+    # 0 would give up on every request at once: never what anyone means.
+    with pytest.raises(SettingsError, match=r"KUBETUNE_API_TIMEOUT_SECONDS=.* set it to 1..3600"):
+        OperatorSettings.from_env({"KUBETUNE_API_TIMEOUT_SECONDS": value})

@@ -27,6 +27,7 @@ from pathlib import Path
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from kubetune.localcluster import leftovers, processes
 from kubetune.localcluster.processes import free_port
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,9 @@ class SimulatedNodes:
     """``count`` fake nodes named ``kwok-node-<i>`` and the kwok process that plays them.
 
     Each node offers ``cpu``, ``memory``, ``pods`` and ``gpus`` (nvidia.com/gpu) to the
-    scheduler. Use as a context manager, or ``start()`` and ``stop()``.
+    scheduler. Use as a context manager, or ``start()`` and ``stop()``. ``cluster_prefix``: the
+    local cluster's marker (``LocalCluster.prefix``), so that kwok goes with the cluster's other
+    processes when a crashed run's leftovers are cleaned.
     """
 
     kubeconfig: Path
@@ -246,6 +249,7 @@ class SimulatedNodes:
     memory: str = "4Ti"
     pods: int = 1000
     gpus: int = 64
+    cluster_prefix: str = ""
     binary: str = field(default_factory=lambda: str(Path(sys.executable).parent / "kwok"))
     process: subprocess.Popen[bytes] | None = None
 
@@ -270,7 +274,8 @@ class SimulatedNodes:
                 [self.binary, f"--kubeconfig={self.kubeconfig}", f"--config={config_path}",
                  f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake", f"--cidr={POD_CIDR}",
                  f"--server-address=127.0.0.1:{port}", "--v=WARN"],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=processes.environ_with({leftovers.MARKER_ENV: self.cluster_prefix} if self.cluster_prefix else {}))
         self._wait_ready(api, timeout)
         return self
 

@@ -45,7 +45,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune.api import FINAL_PHASES, GROUP, PLURAL, VERSION, JobRef
 from kubernetes import client
 from kubetune.operator.kube import (
-    REPORTING_INSTANCE, Kube, NoCredentialsError, bearer_token, load_credentials, status_patch,
+    REPORTING_INSTANCE, Kube, NoCredentialsError, bearer_token, load_credentials, request_timeout, status_patch,
 )
 from kubetune.operator.leader import LeaderElection
 from kubetune.api.labels import ATTEMPT_LABEL, JOB_UID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REPLICA_INDEX_LABEL
@@ -121,11 +121,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     except NoCredentialsError as error:
         raise kopf.PermanentError(str(error)) from None  # retrying will not make a kubeconfig appear
     memo.setdefault("settings", OperatorSettings.from_env())
+    _set_timeouts(settings, memo.settings.api_timeout_seconds)
     # A namespaced install is granted nothing cluster-wide: kopf would try to watch CRDs and
     # namespaces, and warn. The chart installs the CRD before the operator starts.
     settings.scanning.disabled = memo.settings.namespace is not None
     memo.setdefault("metrics", OperatorMetrics())
-    memo.kube = Kube(pool_size=WORKERS)
+    memo.kube = Kube(pool_size=WORKERS, timeout=memo.settings.api_timeout_seconds)
     memo.locks = {}
     memo.jobs = {}
     memo.failures = {}
@@ -139,11 +140,43 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.acting = lambda: True
     if memo.get("lease"):  # one of several replicas: only the holder of the Lease acts
         election = LeaderElection(client.CoordinationV1Api(memo.kube.api_client), memo.lease_namespace, memo.lease,
-                                  f"{REPORTING_INSTANCE}_{uuid.uuid4().hex[:8]}", on_lost=_stop_operator)
+                                  f"{REPORTING_INSTANCE}_{uuid.uuid4().hex[:8]}", on_lost=_stop_operator,
+                                  on_acquired=lambda: _export_jobs(memo))
         memo.leading, memo.acting, memo.election = election.leading, election.acting, election
         memo.workers.append(asyncio.create_task(election.run()))
     else:
         memo.leading.set()
+
+
+def _leads(memo: kopf.Memo) -> bool:
+    return memo.get("leading") is None or memo.leading.is_set()
+
+
+def _export_jobs(memo: kopf.Memo) -> None:
+    """The per-job series come from the replica that acts, only: a standby records none, and
+    exports every job it knows once it takes over."""
+    for seen in memo.jobs.values():
+        meta = (seen.body or {}).get("metadata", {})
+        memo.metrics.job_seen(meta.get("namespace", ""), meta.get("name", ""), (seen.body or {}).get("status") or {},
+                              meta.get("creationTimestamp"))
+
+
+def _set_timeouts(settings: kopf.OperatorSettings, seconds: float) -> None:
+    """kopf's waits on the API server: ``seconds`` (KUBETUNE_API_TIMEOUT_SECONDS, 70 by default),
+    as our own client's (kube.py), for connections that die without a word (a half-open TCP
+    connection, a load balancer that accepts and never forwards)."""
+    connect, read = request_timeout(seconds)
+    # kopf's requests but watches (the lists a watch starts with, again after a 410 Gone): its
+    # default is 5 minutes an attempt, 9 attempts, while that resource goes unwatched.
+    settings.networking.request_timeout = read
+    settings.networking.connect_timeout = connect
+    # A watch is dead when nothing arrives, not even the bookmark the API server sends each watch
+    # every minute: kopf then reopens it from its last resourceVersion. (kopf 1.45 has the same
+    # 70 s default; ours, so that neither an upgrade nor a test can leave a dead watch hanging.)
+    # No client_timeout (a total one): it would end live watches as well; and no server_timeout:
+    # the API server ends each watch after 30 to 60 minutes on its own, and kopf resumes it.
+    settings.watching.inactivity_timeout = read
+    settings.watching.connect_timeout = connect
 
 
 def _stop_operator() -> None:
@@ -193,6 +226,10 @@ def _pods(index: kopf.Index, uid: str) -> list[dict[str, Any]]:
 
 
 # -- when the operator reconciles ------------------------------------------------------------
+class Conflict(Exception):
+    """The job changed between the read a decision was made on and the status write."""
+
+
 class NotActing(Exception):
     """This replica lost the Lease during a pass: the pass stops before its next write."""
 
@@ -240,7 +277,8 @@ async def finetunejob_event(type: str | None, body: kopf.Body, namespace: str, n
         memo.failures.pop(key, None)
         memo.queue.forget(key)
         return
-    memo.metrics.job_seen(namespace, name, status, meta.get("creationTimestamp"))
+    if _leads(memo):
+        memo.metrics.job_seen(namespace, name, status, meta.get("creationTimestamp"))
     # The pods index as kopf keeps it up to date, for the workers (kopf hands indexes only to
     # handlers). Into a shared dict: kopf gives each object its own shallow copy of the memo.
     memo.indexes["pods_by_job"] = pods_by_job
@@ -365,28 +403,41 @@ async def _sync(handler: str, namespace: str, name: str, uid: str, pods_by_job: 
     show a pod Running that has failed since, and a finished job would delete it as a survivor.
     None: the job is gone."""
     async with _counted(memo, handler), memo.locks.setdefault(uid, asyncio.Lock()):
-        seen = memo.get("jobs", {}).get(uid)
-        body = seen.fresh_body() if from_cache and seen is not None else None
-        if body is None:
-            body = await asyncio.to_thread(memo.kube.get_job, namespace, name)
-        if body is None or body["metadata"]["uid"] != uid or body["metadata"].get("deletionTimestamp"):
-            return None  # the job is gone or going (or re-created: its own events queue it)
-        stored = Job.of(body)
-        job = _with_progress(stored, metrics_text, memo, logger)
-        outcome = reconcile(job, _pods(pods_by_job, uid), memo.settings, _now())
-        if outcome.status is None and job.status != stored.status:
-            outcome = Outcome(dict(job.status), outcome.actions, outcome.blocked)  # only the progress moved
-        instead = await _carry_out(stored, outcome, memo, logger)
-        final = instead or outcome
-        status = final.status if final.status is not None else stored.status
-        return Synced(status, final.blocked, moved=status.get("phase") != stored.status.get("phase"))
+        for fresh in (False, True):
+            seen = memo.get("jobs", {}).get(uid)
+            body = seen.fresh_body() if from_cache and not fresh and seen is not None else None
+            if body is None:
+                body = await asyncio.to_thread(memo.kube.get_job, namespace, name)
+            if body is None or body["metadata"]["uid"] != uid or body["metadata"].get("deletionTimestamp"):
+                return None  # the job is gone or going (or re-created: its own events queue it)
+            stored = Job.of(body)
+            job = _with_progress(stored, metrics_text, memo, logger)
+            outcome = reconcile(job, _pods(pods_by_job, uid), memo.settings, _now())
+            if outcome.status is None and job.status != stored.status:
+                outcome = Outcome(dict(job.status), outcome.actions, outcome.blocked)  # only the progress moved
+            try:
+                instead = await _carry_out(stored, outcome, memo, logger)
+            except Conflict:
+                if fresh:
+                    raise
+                continue  # decided on a job that has changed since: decide again, from a fresh read
+            final = instead or outcome
+            status = final.status if final.status is not None else stored.status
+            return Synced(status, final.blocked, moved=status.get("phase") != stored.status.get("phase"))
+        raise AssertionError("unreachable")
 
 
 async def _carry_out(job: Job, outcome: Outcome, memo: kopf.Memo, logger: kopf.Logger) -> Outcome | None:
-    """Carry out the actions in order, then write the status. A run of creations (a gang's pods)
-    or of deletions goes out at once: a gang of 8 is one round trip, not 8. When a creation
-    cannot be done (a name held by another object, a refusal), the outcome put in its place is
-    carried out and returned."""
+    """Carry out the actions in order, write the status, then post the Events. A run of
+    creations (a gang's pods) or of deletions goes out at once: a gang of 8 is one round trip,
+    not 8. When a creation cannot be done (a name held by another object, a refusal), the
+    outcome put in its place is carried out and returned.
+
+    Every write is fenced against a decision made on a stale read: creations by name, deletions
+    by UID, the status by the resourceVersion the decision read (a ``Conflict`` when the job has
+    changed since: another writer, or a replica that took over). The Events come last, so that
+    a decision that is refused posts none."""
+    events: list[Event] = []
     for _, group in itertools.groupby(outcome.actions, key=_batch):
         actions = list(group)
         if isinstance(actions[0], Create):
@@ -411,11 +462,17 @@ async def _carry_out(job: Job, outcome: Outcome, memo: kopf.Memo, logger: kopf.L
                     _acting(memo)
                     await asyncio.to_thread(memo.kube.delete_job, job.ref.namespace, job.ref.name, job.ref.uid)
                 elif isinstance(action, Event):
-                    await _post(job, action, memo, logger)
+                    events.append(action)
     patch = status_patch(dict(job.status), outcome.status) if outcome.status is not None else {}
     if patch:
         _acting(memo)
-        written = await asyncio.to_thread(memo.kube.patch_job_status, job.ref.namespace, job.ref.name, patch)
+        try:
+            written = await asyncio.to_thread(memo.kube.patch_job_status, job.ref.namespace, job.ref.name, patch,
+                                              job.resource_version)
+        except ApiException as error:
+            if error.status == 409:
+                raise Conflict from None
+            raise
         seen = memo.get("jobs", {}).get(job.ref.uid)
         # Unless the watch has delivered it already (while the response was on its way).
         if seen is not None and written and (seen.body or {}).get("metadata", {}).get("resourceVersion") != written:
@@ -423,6 +480,8 @@ async def _carry_out(job: Job, outcome: Outcome, memo: kopf.Memo, logger: kopf.L
         if outcome.status["phase"] != job.status.get("phase"):
             logger.info("job %s/%s is %s: %s", job.ref.namespace, job.ref.name, outcome.status["phase"],
                         outcome.status["message"])
+    for event in events:
+        await _post(job, event, memo, logger)
     return None
 
 
@@ -529,4 +588,5 @@ def _with_progress(job: Job, metrics_text: str | None, memo: kopf.Memo, logger: 
         return job
     if progress is None or progress == previous:
         return job
-    return Job(ref=job.ref, generation=job.generation, spec=job.spec, status={**job.status, "progress": progress})
+    return Job(ref=job.ref, generation=job.generation, spec=job.spec, status={**job.status, "progress": progress},
+               resource_version=job.resource_version)

@@ -7,6 +7,7 @@ Uses the official client (kubeconfig from KUBECONFIG / ~/.kube/config, in-cluste
 from __future__ import annotations
 
 import os
+import time
 from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Any
@@ -15,11 +16,23 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubetune.api import JobRef
 from kubetune.api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from kubetune.operator.settings import API_TIMEOUT_SECONDS
 
 REPORTING_COMPONENT = "kubetune-operator"
 REPORTING_INSTANCE = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or REPORTING_COMPONENT
 # Names the operator, and which replica, in the API server's audit log.
 USER_AGENT = f"kubetune-operator/{version('kubetune')} ({REPORTING_INSTANCE})"
+# A TCP connection to the API server is made within seconds, or the server is unreachable.
+CONNECT_TIMEOUT_SECONDS = 10.0
+# Answers of an API server unwell for a moment (OperatorApiClient): retried after these delays.
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0)
+MAX_RETRY_AFTER_SECONDS = 10.0
+
+
+def request_timeout(seconds: float) -> tuple[float, float]:
+    """(connect, read) timeouts of a request, given the operator's API timeout."""
+    return min(CONNECT_TIMEOUT_SECONDS, seconds), float(seconds)
 
 
 class NoCredentialsError(RuntimeError):
@@ -57,13 +70,61 @@ def bearer_token(configuration: client.Configuration) -> str | None:
     return header.split(" ", 1)[-1]
 
 
+class OperatorApiClient(client.ApiClient):
+    """The official client, with two things it lacks for a controller:
+
+    - a timeout on every request that names none (``timeout``: (connect, read) seconds). Without
+      one, urllib3 waits for ever on a connection that never answers (a half-open TCP connection,
+      a load balancer that accepts and forwards nothing): the calling thread hangs, and with it
+      the pass that holds its job's lock, so that job never moves again. With one, the call
+      raises urllib3's timeout error and the pass is retried with a back-off (urllib3 itself
+      first retries a read that timed out on a GET or DELETE, up to 3 times);
+    - a few quick retries of a request the API server answered 429 (after its Retry-After) or
+      500, 502, 503, 504, as kopf retries its own. A pass is all or nothing over a dozen
+      requests (a gang's creations, the holders of names taken, its Event, its status): with no
+      retry below it, an API failing a quarter of them (overloaded, restarting, an etcd leader
+      election) failed nearly every pass, and the back-off between passes grew to a minute:
+      jobs stood still for minutes. Each retry is safe: a 429 was not processed; a create that
+      was answers 409 next, which the handlers check is this job's child; a merge patch, a
+      read, a delete with a UID precondition are idempotent.
+    """
+
+    def __init__(self, configuration: client.Configuration, timeout: tuple[float, float],
+                 retry_delays: tuple[float, ...] = RETRY_DELAYS_SECONDS) -> None:
+        super().__init__(configuration)
+        self.timeout, self.retry_delays = timeout, retry_delays
+
+    def call_api(self, method: str, url: str, header_params: dict[str, Any] | None = None, body: Any = None,
+                 post_params: Any = None, _request_timeout: Any = None) -> Any:
+        for delay in (*self.retry_delays, None):
+            response = super().call_api(method, url, header_params, body, post_params,
+                                        _request_timeout=_request_timeout or self.timeout)
+            if delay is None or response.status not in RETRIED_STATUSES:
+                return response
+            response.read()  # the connection goes back to the pool
+            time.sleep(max(delay, _retry_after(response.getheader("Retry-After"))))
+        raise AssertionError("unreachable")
+
+
+def _retry_after(value: str | None) -> float:
+    """The seconds of a Retry-After header (not its HTTP-date form), at most MAX_RETRY_AFTER_SECONDS."""
+    try:
+        return min(MAX_RETRY_AFTER_SECONDS, max(0.0, float(value or 0)))
+    except ValueError:
+        return 0.0
+
+
 class Kube:
-    def __init__(self, api_client: client.ApiClient | None = None, pool_size: int | None = None) -> None:
+    """``timeout``: seconds to wait for the API server's answer (every call, the Lease's included,
+    goes through this client); ``api_client``: one of the caller's, as it is."""
+
+    def __init__(self, api_client: client.ApiClient | None = None, pool_size: int | None = None,
+                 timeout: float = API_TIMEOUT_SECONDS) -> None:
         if api_client is None:
             configuration = client.Configuration.get_default_copy()
             if pool_size:  # one connection per thread calling at once (urllib3 keeps 5 x cores by default)
                 configuration.connection_pool_maxsize = pool_size
-            api_client = client.ApiClient(configuration)
+            api_client = OperatorApiClient(configuration, request_timeout(timeout))
         self.api_client = api_client
         self.api_client.user_agent = USER_AGENT  # kopf's own requests say kopf/
         self.core = client.CoreV1Api(self.api_client)
@@ -136,12 +197,15 @@ class Kube:
                 return None
             raise
 
-    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> str:
-        """A JSON merge patch of the status (``status_patch`` makes one: None removes a key).
+    def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any],
+                         resource_version: str | None = None) -> str:
+        """A JSON merge patch of the status (``status_patch`` makes one: None removes a key),
+        applied only to ``resource_version`` of the job when given (409 Conflict otherwise).
         Returns the job's resourceVersion after it."""
-        job = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, body={"status": patch}
-        )
+        body: dict[str, Any] = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        job = self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body=body)
         return job["metadata"]["resourceVersion"]
 
 

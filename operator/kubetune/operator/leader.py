@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -24,20 +25,24 @@ from kubetune.operator.times import format_time, parse_time
 
 log = logging.getLogger(__name__)
 
+# What a call to the API server may raise besides an answer: the API server is away (restarting,
+# unreachable), or did not answer within the client's timeout (kube.OperatorApiClient).
+UNANSWERED = (ApiException, urllib3.exceptions.HTTPError, OSError)
 LEASE_SECONDS = 15
 RENEW_DEADLINE_SECONDS = 10
 RETRY_SECONDS = 2
 
 
 class LeaderElection:
-    """``leading`` is set while this replica holds the Lease; ``on_lost`` is called (once) when
-    it held it and could not keep it."""
+    """``leading`` is set while this replica holds the Lease; ``on_acquired`` is called when it
+    takes it, ``on_lost`` (once) when it held it and could not keep it."""
 
     def __init__(self, api: client.CoordinationV1Api, namespace: str, name: str, identity: str,
-                 on_lost: Callable[[], None], lease_seconds: int = LEASE_SECONDS,
+                 on_lost: Callable[[], None], on_acquired: Callable[[], None] = lambda: None,
+                 lease_seconds: int = LEASE_SECONDS,
                  renew_deadline_seconds: int = RENEW_DEADLINE_SECONDS, retry_seconds: float = RETRY_SECONDS) -> None:
         self.api, self.namespace, self.name, self.identity = api, namespace, name, identity
-        self.on_lost = on_lost
+        self.on_lost, self.on_acquired = on_lost, on_acquired
         self.lease_seconds, self.renew_deadline_seconds = lease_seconds, renew_deadline_seconds
         self.retry_seconds = retry_seconds
         self.leading = asyncio.Event()
@@ -54,8 +59,10 @@ class LeaderElection:
         while True:
             try:
                 held = await asyncio.to_thread(self._try_acquire_or_renew)
-            except ApiException as error:  # the API is unwell: try again; a holder counts down
-                log.warning("lease %s/%s: %s", self.namespace, self.name, error.reason)
+            except UNANSWERED as error:  # the API is unwell: try again; a holder counts down
+                # (Not only ApiException: a refused connection or a timeout ended this loop, and
+                # with it the renewals: the holder stopped acting but never stood down.)
+                log.warning("lease %s/%s: %s", self.namespace, self.name, getattr(error, "reason", None) or error)
                 held = False
             now = datetime.now(UTC)
             if held:
@@ -65,6 +72,7 @@ class LeaderElection:
                     log.info("acquired lease %s/%s as %s: this replica acts", self.namespace, self.name,
                              self.identity)
                     self.leading.set()
+                    self.on_acquired()
             elif self.leading.is_set() and now - renewed >= timedelta(seconds=self.renew_deadline_seconds):
                 log.error("lost lease %s/%s: stopping, to restart as a standby", self.namespace, self.name)
                 self.leading.clear()
@@ -89,8 +97,9 @@ class LeaderElection:
                 "spec": {"holderIdentity": "", "leaseDurationSeconds": 1, "acquireTime": now, "renewTime": now,
                          "leaseTransitions": lease.spec.lease_transitions or 0}})
             log.info("released lease %s/%s", self.namespace, self.name)
-        except ApiException as error:
-            log.warning("could not release lease %s/%s: %s", self.namespace, self.name, error.reason)
+        except UNANSWERED as error:
+            log.warning("could not release lease %s/%s: %s", self.namespace, self.name,
+                        getattr(error, "reason", None) or error)
 
     def _try_acquire_or_renew(self) -> bool:
         now = datetime.now(UTC)

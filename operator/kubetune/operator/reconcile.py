@@ -64,6 +64,8 @@ class Job:
     generation: int
     spec: Mapping[str, Any]
     status: Mapping[str, Any]
+    resource_version: str | None = None
+    """Of the object read: the status write is made against it (optimistic concurrency)."""
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> Job:
@@ -73,6 +75,7 @@ class Job:
             generation=int(meta.get("generation") or 1),
             spec=body.get("spec") or {},
             status=body.get("status") or {},
+            resource_version=meta.get("resourceVersion"),
         )
 
 

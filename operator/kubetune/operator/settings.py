@@ -16,7 +16,17 @@ KUBETUNE_METRICS_PORT              8080                       operator /metrics 
 KUBETUNE_RESTART_BACKOFF_SECONDS   10                         wait before a failed gang's first
                                                               restart; doubles each restart, up
                                                               to 300 s
+KUBETUNE_API_TIMEOUT_SECONDS       70                         longest wait on the API server: for
+                                                              the answer to a request, and for
+                                                              any event on a watch (bookmarks
+                                                              come every minute); then retried,
+                                                              or the watch reopened. 1..3600
 =================================  =========================  ==================================
+
+The API timeout is for connections that die without a word (a half-open TCP connection, a
+load balancer that accepts and never forwards): the API server itself answers every request
+within 60 s (its ``--request-timeout``) and sends each watch a bookmark every minute, so 70 s
+gives up on nothing that is alive. Tests shorten it to see a dead connection replaced quickly.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kubetune.api.spec import DEFAULT_TRAINER_IMAGE  # a job that keeps it gets the platform's image
+
+API_TIMEOUT_SECONDS = 70
+"""Above the API server's own request timeout (60 s) and its watch bookmark interval (a minute)."""
 
 
 class SettingsError(ValueError):
@@ -41,6 +54,7 @@ class OperatorSettings:
     liveness_port: int | None = None
     metrics_port: int = 8080
     restart_backoff_seconds: int = 10
+    api_timeout_seconds: int = API_TIMEOUT_SECONDS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -53,6 +67,7 @@ class OperatorSettings:
             liveness_port=_port(env, "KUBETUNE_LIVENESS_PORT"),
             metrics_port=_metrics_port(env),
             restart_backoff_seconds=_seconds(env, "KUBETUNE_RESTART_BACKOFF_SECONDS", 10),
+            api_timeout_seconds=_seconds(env, "KUBETUNE_API_TIMEOUT_SECONDS", API_TIMEOUT_SECONDS, lowest=1),
         )
 
 
@@ -61,12 +76,12 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-def _seconds(env: Mapping[str, str], name: str, default: int) -> int:
+def _seconds(env: Mapping[str, str], name: str, default: int, lowest: int = 0) -> int:
     raw = _text(env, name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > 3600:
-        raise SettingsError(f"{name}={raw!r} is not a number of seconds; set it to 0..3600 or unset it")
+    if not raw.isdigit() or not lowest <= int(raw) <= 3600:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds; set it to {lowest}..3600 or unset it")
     return int(raw)
 
 
