@@ -168,9 +168,10 @@ def test_an_answer_that_is_a_verdict_is_not_retried(scripted: Any, status: int) 
     assert raised.value.status == status and len(scripted.requests) == 1
 
 
-def _configured(seconds: int | None, kubeconfig: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[kopf.OperatorSettings,
-                                                                                                  kopf.Memo]:
-    """Run the operator's startup handler as kopf would, then stop what it started."""
+def _configured(seconds: int | None, kubeconfig: Any,
+                monkeypatch: pytest.MonkeyPatch) -> tuple[kopf.OperatorSettings, kopf.Memo]:
+    """Run the operator's startup handler as kopf would (``seconds``: the API timeout it is
+    given; None: from the environment, where it is unset), then stop what it started."""
     kubeconfig.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
         "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:1"}}],

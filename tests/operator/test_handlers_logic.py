@@ -432,3 +432,21 @@ def test_a_standby_replica_exports_no_job_series_until_it_takes_over() -> None:
     memo.leading.set()
     handlers._export_jobs(memo)  # what taking the Lease does
     assert registry.get_sample_value("kubetune_job_restarts", labels) == 2
+
+
+def test_the_pod_index_keeps_what_the_reconciler_and_the_scrape_read_and_no_more() -> None:
+    from kubetune.operator.pods import observe_pod
+    from kubetune.operator.progress import metrics_url
+
+    pod = {"metadata": {"name": "quickstart-worker-0", "uid": "p-1", "labels": {"kubetune.dev/replica-index": "0"},
+                        "ownerReferences": [{"uid": UID, "controller": True}],
+                        "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
+           "spec": {"containers": [{"name": "trainer", "image": "x", "env": [{"name": "A", "value": "1"}],
+                                    "ports": [{"name": "metrics", "containerPort": 9090}]}],
+                    "volumes": [{"name": "config"}], "affinity": {}},
+           "status": {"phase": "Running", "podIP": "10.0.0.7"}}
+    kept = handlers.observed_pod(pod)
+    assert "managedFields" not in kept["metadata"] and set(kept["spec"]) == {"containers"}
+    assert kept["spec"]["containers"] == [{"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9090}]}]
+    assert metrics_url(kept) == metrics_url(pod) == "http://10.0.0.7:9090/metrics"
+    assert observe_pod(kept) == observe_pod(pod)

@@ -7,6 +7,7 @@ import yaml
 from crd_tools import EXAMPLES, load_manifest, minimal_spec
 from kubetune.operator.manifests import (
     build_config_map, build_preflight_pod, build_service, build_worker_pod, build_workers, pod_group_name,
+    trainer_command,
 )
 from kubetune.operator.settings import OperatorSettings
 from kubetune.api import JobRef, parse_spec
@@ -87,12 +88,17 @@ def test_config_map_holds_the_rendered_trainer_config() -> None:
     assert config["storage"]["endpoint"] == "http://s3:9000"
 
 
-def test_headless_service_selects_the_job_workers() -> None:
+def test_headless_service_selects_the_jobs_worker_0_the_master_address() -> None:
     service = build_service(JOB)
     assert service["spec"]["clusterIP"] == "None"
     # The job's UID, not its name: a re-created job of the same name has other pods; and only
-    # the workers, not the preflight pod.
-    assert service["spec"]["selector"] == {"kubetune.dev/job-uid": "u-1", "app.kubernetes.io/component": "worker"}
+    # worker 0, whose name is torchrun's master address (every rank's command says so).
+    assert service["spec"]["selector"] == {"kubetune.dev/job-uid": "u-1", "app.kubernetes.io/component": "worker",
+                                           "kubetune.dev/replica-index": "0"}
+    spec = parse_spec(minimal_spec(workers={"replicas": 2}))
+    assert {f"--master-addr=quickstart-worker-0.{service['metadata']['name']}"} == {
+        argument for index in range(2) for argument in trainer_command("quickstart", spec, index)
+        if argument.startswith("--master-addr")}
     assert service["spec"]["ports"][0]["port"] == 29500
     assert service["spec"]["ports"][0]["name"] == "rdzv"
 

@@ -68,8 +68,10 @@ WAIT_RETRY_SECONDS = 2.0
 # Pod events of one job within this window make one pass (the Job controller batches for 1 s):
 # a gang of 8 starting is 8 to 16 events, one status write.
 POD_EVENT_BATCH_SECONDS = 0.5
-# Passes of different jobs run at once, each a few API calls from a thread.
-WORKERS = 16
+# Passes of different jobs run at once, each a few API calls from a thread: the operator's
+# concurrency, as a Deployment's pods are the Job controller's (it waits on the API server, so
+# more passes than cores).
+WORKERS = 32
 # A pass that raised (the API is unwell) is retried after 2, 4, 8 ... 60 seconds.
 ERROR_BACKOFF_SECONDS, ERROR_BACKOFF_CAP_SECONDS = 2.0, 60.0
 SCRAPED_PHASES = ("Running", "Publishing")
@@ -107,8 +109,9 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Keep kopf's bookkeeping in annotations: the CRD's structural status schema would prune
-    # anything kopf wrote under status.
+    # kopf keeps no state on the jobs (event handlers and indexes only). Should a handler that
+    # needs bookkeeping be added, it goes into annotations: the CRD's structural status schema
+    # would prune anything kopf wrote under status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.dev")
     # Events are the reconciler's, posted by us; nothing a handler logs becomes an Event.
@@ -209,8 +212,18 @@ def jobs_by_uid(namespace: str, name: str, uid: str, **_: Any) -> dict[str, tupl
 
 @kopf.index("", "v1", "pods", labels={JOB_UID_LABEL: kopf.PRESENT})
 def pods_by_job(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]]:
-    # A snapshot: kopf's body is a live view of whatever the watch delivers next.
-    return {labels[JOB_UID_LABEL]: {key: _plain(value) for key, value in body.items()}}
+    return {labels[JOB_UID_LABEL]: observed_pod(body)}
+
+
+def observed_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the reconciler and the scrape read of a pod, as a snapshot (kopf's body is a live
+    view of whatever the watch delivers next): its metadata but the managed fields, its status,
+    and of its spec the containers' names and ports. At thousands of pods the rest (env,
+    volumes, placement, managed fields) was most of the operator's memory."""
+    spec = body.get("spec") or {}
+    meta = {key: _plain(value) for key, value in (body.get("metadata") or {}).items() if key != "managedFields"}
+    containers = [{"name": c.get("name"), "ports": _plain(c.get("ports") or [])} for c in spec.get("containers") or []]
+    return {"metadata": meta, "spec": {"containers": containers}, "status": _plain(body.get("status") or {})}
 
 
 def _plain(value: Any) -> Any:
@@ -287,7 +300,7 @@ async def finetunejob_event(type: str | None, body: kopf.Body, namespace: str, n
     unobserved = previous.unobserved_write if previous is not None else None
     memo.jobs[uid] = Seen(generation, status.get("phase"), (status.get("launched") or {}).get("attempt"),
                           (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None,
-                          body=_plain(body), unobserved_write=None if unobserved == meta.get("resourceVersion")
+                          body=_without_managed_fields(body), unobserved_write=None if unobserved == meta.get("resourceVersion")
                           else unobserved)
     if meta.get("deletionTimestamp"):
         return  # going: its children go with it (owner references)
@@ -302,6 +315,12 @@ async def worker_pod_event(labels: kopf.Labels, memo: kopf.Memo, jobs_by_uid: ko
     uid = labels[JOB_UID_LABEL]
     for namespace, name in jobs_by_uid.get(uid, []):  # none: the pod of a job that is gone
         memo.queue.add(JobKey(namespace, name, uid), "pod_event", after=POD_EVENT_BATCH_SECONDS)
+
+
+def _without_managed_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    job = _plain(body)
+    job.get("metadata", {}).pop("managedFields", None)
+    return job
 
 
 def next_pass(status: Mapping[str, Any], ttl: bool) -> float | None:

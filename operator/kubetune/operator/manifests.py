@@ -120,14 +120,18 @@ def build_config_map(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSetti
 
 
 def build_service(job: JobRef) -> dict[str, Any]:
-    """Headless Service: gives each worker the DNS name <pod>.<job>-workers for rendezvous."""
+    """Headless Service: gives worker 0 the DNS name <pod>.<job>-workers, torchrun's master
+    address. Worker 0 only: the other ranks are never looked up by name (they meet at worker 0's
+    store and exchange addresses there), and each pod a Service selects costs an EndpointSlice
+    update at every change of its state (at a thousand jobs, the controller manager's largest
+    load)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(job, service_name(job.name), WORKER),
         "spec": {
             "clusterIP": "None",
-            "selector": {**selector_labels(job), COMPONENT_LABEL: WORKER},
+            "selector": {**selector_labels(job), COMPONENT_LABEL: WORKER, REPLICA_INDEX_LABEL: "0"},
             # Workers must find each other before they report Ready.
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rdzv", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
