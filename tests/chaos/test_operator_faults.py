@@ -28,7 +28,9 @@ from kubetune.localcluster.leftovers import MARKER_ENV
 from kubetune.localcluster.simulated import SimulatedNodes
 
 REPO = Path(__file__).resolve().parents[2]
-RUN_SECONDS = 4.0  # how long a simulated worker runs: long enough to kill the operator mid-job
+# How long a simulated worker runs: long enough to kill the operator mid-job, and for a restarted
+# operator (2-3 s to start on a busy machine) to act on a failure before kwok ends the pod anyway.
+RUN_SECONDS = 8.0
 WORKERS = 4
 
 
