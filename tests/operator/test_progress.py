@@ -54,9 +54,28 @@ def test_nothing_to_show_before_the_trainer_plans_its_steps(text: str) -> None:
     assert derive_progress(text, None, T0) is None
 
 
-def test_step_zero_shows_no_loss_yet() -> None:
-    assert derive_progress(scrape(0, loss=0.0), None, T0) == {
-        "step": 0, "totalSteps": 30, "display": "0/30", "stepTime": "2026-01-01T12:00:00.000000Z"}
+def test_step_zero_shows_the_plan_with_no_loss_and_no_step_time_yet() -> None:
+    # No stepTime: the stall clock starts at the first step, not while the model loads.
+    planned = derive_progress(scrape(0, loss=0.0), None, T0)
+    assert planned == {"step": 0, "totalSteps": 30, "display": "0/30"}
+    first = derive_progress(scrape(1), planned, T0 + timedelta(seconds=20))
+    assert first["stepTime"] == "2026-01-01T12:00:20.000000Z" and "eta" not in first  # 20 s of loading is no rate
+
+
+def test_a_restarted_attempt_keeps_the_last_progress_until_it_moves() -> None:
+    before = derive_progress(scrape(20), derive_progress(scrape(10), None, T0), T0 + timedelta(seconds=10))
+    loading = derive_progress(scrape(0, loss=0.0), before, T0 + timedelta(seconds=60))
+    assert loading == before
+    resumed = derive_progress(scrape(20), loading, T0 + timedelta(seconds=70))  # the checkpoint's step
+    assert resumed == before  # no new step: the old step time stays, older than the attempt
+
+
+def test_a_restart_from_an_older_checkpoint_shows_its_step_without_a_step_time() -> None:
+    before = derive_progress(scrape(25), None, T0)
+    back = derive_progress(scrape(20), before, T0 + timedelta(seconds=60))
+    assert back["display"] == "20/30" and "stepTime" not in back and "eta" not in back
+    on = derive_progress(scrape(21), back, T0 + timedelta(seconds=65))
+    assert on["stepTime"] == "2026-01-01T12:01:05.000000Z" and "eta" not in on
 
 
 def test_text_that_is_not_prometheus_is_an_error() -> None:

@@ -62,15 +62,20 @@ def derive_progress(metrics_text: str, previous: dict[str, Any] | None, now: dat
             if field in values:
                 progress[field] = round(values[field], digits)
     seen_step, seen_at = previous.get("step"), parse_time(previous.get("stepTime"))
-    if seen_step == step and seen_at is not None:
+    if step == 0 and seen_step:
+        return dict(previous)  # a restarted attempt still loading: the last known progress stands
+    if step == 0 or (isinstance(seen_step, int) and step < seen_step):
+        # No step made in this attempt yet (planned, or restarted from an older checkpoint): no
+        # step time, so the stall clock starts at this attempt's first step, and no ETA.
+        return progress
+    if seen_step == step:
         # No new step since the last change: keep its time and the ETA derived then.
-        progress["stepTime"] = previous["stepTime"]
-        for key in ("eta", "etaSeconds"):
+        for key in ("stepTime", "eta", "etaSeconds"):
             if key in previous:
                 progress[key] = previous[key]
         return progress
     progress["stepTime"] = format_time(now, precise=True)
-    if isinstance(seen_step, int) and seen_at is not None and step > seen_step and now > seen_at:
+    if isinstance(seen_step, int) and seen_at is not None and now > seen_at:
         seconds_per_step = (now - seen_at).total_seconds() / (step - seen_step)
         eta = round(seconds_per_step * (total - step))
         progress["etaSeconds"] = eta

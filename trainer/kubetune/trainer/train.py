@@ -237,6 +237,8 @@ class LoRAFineTuneRecipe:
                 log.info("%s", note)
         self.train_set, self.validation_set = datasets.train, datasets.validation
         self.plan = _plan_steps(config, self.topo, self.train_set, self.accumulation)
+        if self.metrics:  # "0/150" in `kubectl get ftj` while the model loads
+            self.metrics.total_steps.set(self.plan.total_steps)
 
     def _load_model(self) -> Any:
         """The base model wrapped with LoRA. Same seed everywhere: identical LoRA init."""
@@ -279,8 +281,6 @@ class LoRAFineTuneRecipe:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.config, self.topo.world_size),
         )
-        if self.metrics:
-            self.metrics.total_steps.set(self.plan.total_steps)
 
     def _resume(self) -> None:
         """From the newest complete checkpoint, if checkpoints are on; else evaluate the base."""
@@ -299,6 +299,9 @@ class LoRAFineTuneRecipe:
         else:
             self.initial_eval = self.resumed.trainer_state["initialEvalLoss"]
             self.progress = Progress.from_state(self.resumed.trainer_state)
+            if self.metrics:
+                self.metrics.step.set(self.progress.steps)
+                self.metrics.epoch.set(self.progress.epoch)
         if self.metrics and self.initial_eval is not None:
             self.metrics.eval_loss.set(self.initial_eval)
         if topo.is_main:
