@@ -35,13 +35,18 @@ class Row:
     lost: int = 0
     figures: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    more: dict[str, list[float]] = field(default_factory=dict)
+    """Further figures of each trial, by name (steps lost beside the recovery time)."""
 
-    def record(self, survived: bool, lost: int = 0, figure: float | None = None, note: str = "") -> None:
+    def record(self, survived: bool, lost: int = 0, figure: float | None = None, note: str = "",
+               more: dict[str, float] | None = None) -> None:
         self.trials += 1
         self.survived += bool(survived)
         self.lost += lost
         if figure is not None:
             self.figures.append(figure)
+        for name, value in (more or {}).items():
+            self.more.setdefault(name, []).append(value)
         if note and not survived:
             self.notes.append(note)
 
@@ -49,14 +54,19 @@ class Row:
     def figure(self) -> str:
         if not self.figures:
             return self.figure_name
-        values = sorted(self.figures)
-        p50 = statistics.median(values)
-        p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
-        return f"{self.figure_name} p50 {p50:.2f} / p95 {p95:.2f}"
+        return "; ".join(f"{name} {_percentiles(values)}"
+                         for name, values in {self.figure_name: self.figures, **self.more}.items())
 
     def as_dict(self) -> dict[str, object]:
         return {"fault": self.fault, "trials": self.trials, "survived": self.survived, "dataLost": self.lost,
-                "figure": self.figure, "figures": self.figures, "failures": self.notes}
+                "figure": self.figure, "figures": self.figures, "more": self.more, "failures": self.notes}
+
+
+def _percentiles(figures: list[float]) -> str:
+    values = sorted(figures)
+    p50 = statistics.median(values)
+    p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+    return f"p50 {p50:.2f} / p95 {p95:.2f}"
 
 
 @dataclass

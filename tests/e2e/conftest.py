@@ -14,10 +14,10 @@ from botocore.config import Config
 sys.path.insert(0, str(Path(__file__).parent))  # e2e_tools
 sys.path.insert(0, str(Path(__file__).parent.parent / "chaos"))  # the chaos table: row 8 is scanned here
 
-from e2e_tools import REPO  # noqa: E402
+from e2e_tools import REPO, long_job, published  # noqa: E402
 
 from kubetune.cli.demo import (  # noqa: E402
-    DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Kubectl, create_credentials_secret, install_crd, local_cluster,
+    DEMO_ACCESS_KEY, DEMO_SECRET_KEY, Kubectl, create_credentials_secret, follow_job, install_crd, local_cluster,
     running_operator, upload_demo_data,
 )
 
@@ -35,3 +35,13 @@ def stack(tmp_path_factory):
                           config=Config(s3={"addressing_style": "path"}))
         with running_operator(cluster, state / "operator.log") as operator:
             yield SimpleNamespace(cluster=cluster, kubectl=kubectl, s3=s3, state=state, operator=operator)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(stack) -> dict:
+    """The published results of the long job run without interruption: what a restarted run
+    must reproduce."""
+    stack.kubectl.run("apply", "-f", "-", input=long_job("uninterrupted"))
+    status = follow_job(stack.kubectl, "uninterrupted", timeout=600, echo=False)["status"]
+    assert status["phase"] == "Succeeded", status
+    return published(stack.s3, "uninterrupted")["results"]

@@ -4,6 +4,8 @@ waiting for a job to get somewhere."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import time
@@ -29,6 +31,38 @@ def manifest(path: Path = QUICKSTART, **overrides: Any) -> str:
             node = node.setdefault(key, {})
         node[leaf] = value
     return yaml.safe_dump(job)
+
+
+STEPS = 80
+
+
+def long_job(name: str, **overrides: object) -> str:
+    """The quickstart trained for 80 steps with a checkpoint every 5: long enough to interrupt."""
+    return manifest(**{"metadata__name": name, "spec__training__maxSteps": STEPS, "spec__training__epochs": 10,
+                       "spec__output__adapterUri": f"s3://adapters/{name}/",
+                       "spec__output__checkpointUri": f"s3://adapters/{name}-checkpoints/",
+                       "spec__output__checkpointEverySteps": 5, **overrides})
+
+
+def endless_job(name: str, **overrides: object) -> str:
+    return manifest(metadata__name=name, spec__training__maxSteps=100000, spec__training__epochs=1000,
+                    spec__output__adapterUri=f"s3://adapters/{name}/", **overrides)
+
+
+def published(s3: Any, name: str) -> dict[str, Any]:
+    return json.loads(s3_text(s3, f"{name}/manifest.json"))
+
+
+def s3_text(s3: Any, key: str, bucket: str = "adapters") -> str:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def assert_continued_like(results: dict[str, Any], uninterrupted: dict[str, Any]) -> None:
+    """Resumed mid-run from a checkpoint (not from zero), with the losses of the uninterrupted run."""
+    assert 5 <= (results["resumedFromStep"] or 0) < STEPS, results["resumedFromStep"]
+    assert results["steps"] == uninterrupted["steps"] == STEPS
+    assert math.isclose(results["finalLoss"], uninterrupted["finalLoss"], rel_tol=1e-3), (
+        results["finalLoss"], uninterrupted["finalLoss"])
 
 
 def _cmdline(pid: int) -> str:
@@ -148,6 +182,13 @@ def complete_checkpoints(s3: Any, bucket: str, prefix: str) -> list[int]:
     listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
     return sorted(int(obj["Key"][len(prefix):].split("/")[0].removeprefix("step-"))
                   for obj in listing if obj["Key"].endswith("/COMPLETE"))
+
+
+def after_a_checkpoint(stack: Any, name: str) -> int:
+    """Once the job runs and has a complete checkpoint: its step."""
+    wait_for_phase(stack.kubectl, name, "Running", timeout=300)
+    return wait_for(lambda: (complete_checkpoints(stack.s3, "adapters", f"{name}-checkpoints/") or [0])[-1],
+                    f"a complete checkpoint of {name}", timeout=300, every=0.1)
 
 
 def pods_of(kubectl: Kubectl, name: str, component: str = "worker") -> list[dict[str, Any]]:

@@ -263,10 +263,11 @@ def test_pod_events_drive_the_phase_and_a_gone_job_is_left_alone(kube: FakeKube)
     assert len(kube.status_patches) == patches
 
 
-def _serve_trainer_metrics(step: int) -> int:
+def _serve_trainer_metrics(step: int, begun: int | None = None) -> int:
     metrics = TrainMetrics()
     metrics.total_steps.set(30)
     metrics.step.set(step)
+    metrics.steps_begun.set(step + 1 if begun is None else begun)
     metrics.loss.set(1.5)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -315,6 +316,21 @@ def test_failed_scrapes_are_counted_not_raised(kube: FakeKube) -> None:
     asyncio.run(_scrape(memo))
     assert memo.metrics.registry.get_sample_value("kubetune_operator_progress_scrape_failures_total") == 1
     assert "progress" not in kube.job["status"] and kube.job["status"]["phase"] == "Running"
+
+
+def test_a_stalled_job_asks_every_worker_and_names_the_one_that_does_not_answer(kube: FakeKube) -> None:
+    port = _serve_trainer_metrics(7, begun=8)  # worker 0 waits in step 8; worker 1 is silent
+    memo = _running(kube, OperatorSettings(trainer_metrics_port=port))
+    kube.set_pod(1, "Running", ip="127.0.0.2")  # nothing listens there
+    kube.job["spec"]["runPolicy"] = {"stallTimeoutSeconds": 60}
+    kube.job["status"]["launched"]["runningTime"] = "2026-01-01T12:00:00Z"
+    kube.job["status"]["progress"] = {"step": 7, "totalSteps": 30, "display": "7/30",
+                                      "stepTime": "2026-01-01T12:05:00.000000Z"}
+    asyncio.run(_scrape(memo))
+    status = kube.job["status"]
+    assert status["phase"] == "Restarting" and status["lastFailure"]["pod"] == "quickstart-worker-1"
+    assert status["lastFailure"]["message"].endswith(
+        "quickstart-worker-1 did not answer on its metrics port (stopped or hung)"), status["lastFailure"]
 
 
 def test_a_job_that_finished_while_scraped_is_not_written(kube: FakeKube) -> None:

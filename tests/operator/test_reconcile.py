@@ -69,8 +69,9 @@ def preflight(phase: str, **kwargs: Any) -> dict:
     return pod(-1, phase, **kwargs)
 
 
-def step(status: dict, pods: list[dict], now: datetime = T0, **spec: Any) -> tuple[Outcome, dict]:
-    outcome = reconcile(job(status, **spec), pods, SETTINGS, now)
+def step(status: dict, pods: list[dict], now: datetime = T0, probes: dict | None = None,
+         **spec: Any) -> tuple[Outcome, dict]:
+    outcome = reconcile(job(status, **spec), pods, SETTINGS, now, probes)
     return outcome, (outcome.status if outcome.status is not None else status)
 
 
@@ -322,12 +323,34 @@ def test_no_new_step_for_the_stall_timeout_restarts_the_gang() -> None:
     status["progress"] = {"step": 7, "totalSteps": 30, "stepTime": "2026-01-01T12:01:00Z"}
     both = [pod(0, "Running"), pod(1, "Running")]
     outcome, same = step(status, both, now=T0 + timedelta(seconds=170), run_policy=policy)
-    assert same["phase"] == "Running"
-    outcome, status = step(status, both, now=T0 + timedelta(seconds=181), run_policy=policy)
+    assert same["phase"] == "Running" and not outcome.probe
+    # Stalled: first the workers are asked how far they got, then the failure names the one behind.
+    outcome = reconcile(job(status, run_policy=policy), both, SETTINGS, T0 + timedelta(seconds=181))
+    assert outcome == Outcome(None, probe=True)
+    outcome, status = step(status, both, now=T0 + timedelta(seconds=181), probes={0: 8, 1: 7}, run_policy=policy)
     assert status["phase"] == "Restarting" and status["lastFailure"]["reason"] == "Stalled"
     assert status["lastFailure"]["message"] == (
-        "no new optimizer step for 120s (last at step 7): spec.runPolicy.stallTimeoutSeconds")
+        "no new optimizer step for 120s (last at step 7; spec.runPolicy.stallTimeoutSeconds): quickstart-worker-1 "
+        "never began step 8 that the others wait in (its last: step 7)")
+    assert status["lastFailure"]["pod"] == "quickstart-worker-1"
     assert deletes(outcome) == ["quickstart-worker-0", "quickstart-worker-1"]
+
+
+@pytest.mark.parametrize("probes, named, why", [
+    ({0: None, 1: 8}, "quickstart-worker-0", "quickstart-worker-0 did not answer on its metrics port (stopped or hung)"),
+    ({0: 8, 1: None}, "quickstart-worker-1", "quickstart-worker-1 did not answer on its metrics port (stopped or hung)"),
+    ({0: 8, 1: 8}, None, "every worker has begun the same step: the gang waits inside it, in a collective or the data"),
+    ({}, None, "every worker has begun the same step: the gang waits inside it, in a collective or the data"),
+])
+def test_a_stall_names_the_worker_that_holds_the_gang_up(probes: dict, named: str | None, why: str) -> None:
+    policy = {"stallTimeoutSeconds": 120}
+    status = running(run_policy=policy)
+    status["progress"] = {"step": 7, "totalSteps": 30, "stepTime": "2026-01-01T12:01:00Z"}
+    _, status = step(status, [pod(0, "Running"), pod(1, "Running")], now=T0 + timedelta(seconds=181),
+                     probes=probes, run_policy=policy)
+    assert status["phase"] == "Restarting"
+    assert status["lastFailure"]["message"].endswith(f"spec.runPolicy.stallTimeoutSeconds): {why}")
+    assert status["lastFailure"].get("pod") == named
 
 
 @pytest.mark.parametrize("step_time", [None, "2026-01-01T11:00:00Z"])

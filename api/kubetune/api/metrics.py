@@ -24,8 +24,12 @@ INFO = "kubetune_train_info"
 """Gauge, always 1: what the run trains, as labels (model_uri, dataset_uri, adapter_uri,
 zero_stage), to join on the series above. The job, namespace, attempt and rank come from the
 scrape's target labels (the chart's PodMonitor), not from the trainer."""
+STEPS_BEGUN = "kubetune_train_steps_begun"
+"""Gauge: optimizer steps this process has begun. Served by the first process of EVERY worker
+(the one series the others serve): when rank 0's step stops moving, the operator asks each
+worker, and the one behind the rest (or silent) is the one the stall is named after."""
 METRICS_PORT_NAME = "metrics"
-"""The worker container's port that serves them (rank 0 only)."""
+"""The worker container's port that serves them (every series on worker 0, STEPS_BEGUN on the others)."""
 
 # -- the operator's /metrics (the chart's metrics Service) -------------------------------------
 OPERATOR_JOBS = "kubetune_operator_jobs"

@@ -722,7 +722,9 @@ class RunPolicy(ApiModel):
     """A running job that shows no new optimizer step for this long is restarted (reason
     Stalled, counting against backoffLimit): a hung rank holds its GPUs otherwise. Counted from
     each attempt's first new step, so the model download and start-up are not a stall; allow
-    for evaluation and checkpoint uploads. Absent = no stall detection."""
+    for evaluation and checkpoint uploads. The failure names the worker that holds the gang up
+    (one that does not answer on its metrics port, or has begun fewer steps than the others).
+    Absent = no stall detection."""
     startup_timeout_seconds: int = Field(600, ge=1)
     """Longest a worker may stay unable to start (unschedulable, image pull failure, a missing
     Secret or key) before the job fails with the pod's own reason; until then the reason is in

@@ -14,7 +14,9 @@
   (owner references), and the operator carries on from whatever it finds when it starts.
 - Rank 0's metrics are scraped into ``status.progress`` on the passes of a running job,
   asynchronously, with a timeout and a random delay, so a slow or hung pod holds up no other
-  job; the reconciler then sees the fresh progress (stall detection, Publishing).
+  job; the reconciler then sees the fresh progress (stall detection, Publishing). When it finds
+  the job stalled it asks for every worker's steps begun (``Outcome.probe``), and decides again
+  with them, to name the worker that holds the gang up.
 
 State lives in kopf's ``memo`` (the API client, settings, metrics, the queue, one lock per job
 so a job's read-decide-write cycles never interleave), not in module globals. The Kubernetes
@@ -51,7 +53,7 @@ from kubetune.operator.leader import LeaderElection
 from kubetune.api.labels import ATTEMPT_LABEL, JOB_UID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REPLICA_INDEX_LABEL
 from kubetune.operator.manifests import owned_by
 from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.progress import MetricsParseError, derive_progress, metrics_url
+from kubetune.operator.progress import MetricsParseError, derive_progress, metrics_url, steps_begun
 from kubetune.operator.reconcile import (
     Create, Delete, DeleteJob, Event, Job, LogTail, Outcome, creation_failed, forbidden, ours, reconcile, waiting,
 )
@@ -431,7 +433,11 @@ async def _sync(handler: str, namespace: str, name: str, uid: str, pods_by_job: 
                 return None  # the job is gone or going (or re-created: its own events queue it)
             stored = Job.of(body)
             job = _with_progress(stored, metrics_text, memo, logger)
-            outcome = reconcile(job, _pods(pods_by_job, uid), memo.settings, _now())
+            now = _now()
+            outcome = reconcile(job, _pods(pods_by_job, uid), memo.settings, now)
+            if outcome.probe:
+                probes = await _probe_workers(job, _pods(pods_by_job, uid), memo, logger)
+                outcome = reconcile(job, _pods(pods_by_job, uid), memo.settings, now, probes)
             if outcome.status is None and job.status != stored.status:
                 outcome = Outcome(dict(job.status), outcome.actions, outcome.blocked)  # only the progress moved
             try:
@@ -585,13 +591,38 @@ async def _scrape(job: JobRef, pods: list[dict[str, Any]], attempt: int | None, 
     url = metrics_url(rank0[0]) if rank0 else None
     if url is None:
         return None  # worker-0 has no IP yet, or no metrics port to scrape
+    return await _get_metrics(url, memo, logger)
+
+
+async def _get_metrics(url: str, memo: kopf.Memo, logger: kopf.Logger) -> str | None:
     try:
         async with memo.http.get(url, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)) as answer:
             return await answer.text()
     except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError) as error:
         memo.metrics.scrape_failures.inc()
-        logger.debug("progress scrape of %s failed: %s", url, error)
+        logger.debug("scrape of %s failed: %s", url, error)
         return None
+
+
+async def _probe_workers(job: Job, pods: list[dict[str, Any]], memo: kopf.Memo,
+                         logger: kopf.Logger) -> dict[int, int | None]:
+    """The steps each worker of the running attempt has begun, asked of all at once (a stalled
+    job's pass only); None for one that does not answer. A worker with no address or port to
+    ask is left out: nothing can be said of it."""
+    attempt = str((job.status.get("launched") or {}).get("attempt"))
+    urls = {}
+    for pod in ours(job.ref, pods):
+        labels = pod["metadata"].get("labels", {})
+        url = metrics_url(pod)
+        if labels.get(ATTEMPT_LABEL) == attempt and labels.get(REPLICA_INDEX_LABEL, "").isdigit() and url:
+            urls[int(labels[REPLICA_INDEX_LABEL])] = url
+    texts = await asyncio.gather(*(_get_metrics(url, memo, logger) for url in urls.values()))
+    probes: dict[int, int | None] = {}
+    for index, text in zip(urls, texts):
+        begun = steps_begun(text) if text is not None else None
+        if text is None or begun is not None:  # answered without the series (an older trainer): no word
+            probes[index] = begun
+    return probes
 
 
 def _with_progress(job: Job, metrics_text: str | None, memo: kopf.Memo, logger: kopf.Logger) -> Job:

@@ -22,6 +22,7 @@ METRIC_FIELDS = {
     metrics.EPOCH: "epoch",
     metrics.LOSS: "loss",
     metrics.TOKENS_PER_SECOND: "tokensPerSecond",
+    metrics.STEPS_BEGUN: "stepsBegun",
 }
 
 
@@ -83,6 +84,16 @@ def derive_progress(metrics_text: str, previous: dict[str, Any] | None, now: dat
     return progress
 
 
+def steps_begun(metrics_text: str) -> int | None:
+    """The optimizer steps a worker's first process has begun (any worker serves it); None when
+    the text is not metrics or lacks the series."""
+    try:
+        value = parse_metrics(metrics_text).get("stepsBegun")
+    except MetricsParseError:
+        return None
+    return None if value is None else int(value)
+
+
 def finished_progress(previous: dict[str, Any] | None, total_steps: int, final_loss: float | None) -> dict[str, Any]:
     """Progress of a succeeded job: at its last step, whatever the last scrape caught."""
     progress = {key: value for key, value in (previous or {}).items() if key not in ("eta", "etaSeconds")}
@@ -109,7 +120,7 @@ def format_duration(seconds: int) -> str:
 
 
 def metrics_url(pod: dict[str, Any]) -> str | None:
-    """Where rank 0 serves /metrics: the pod's IP and its container port named ``metrics``."""
+    """Where a worker serves /metrics: the pod's IP and its container port named ``metrics``."""
     ip = (pod.get("status") or {}).get("podIP")
     for container in (pod.get("spec") or {}).get("containers") or []:
         for port in container.get("ports") or []:

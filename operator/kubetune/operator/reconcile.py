@@ -129,6 +129,10 @@ class Outcome:
     status: dict[str, Any] | None
     actions: tuple[Action, ...] = field(default=())
     blocked: str | None = None
+    probe: bool = False
+    """The job has stalled: ask every worker of the attempt how many steps it has begun, and
+    decide again with the answers (``reconcile(..., probes=...)``), so the failure names the
+    worker that holds the gang up."""
 
 
 def config_hash(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> str:
@@ -143,7 +147,13 @@ def ours(job: JobRef, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
     ]
 
 
-def reconcile(job: Job, pods: Sequence[Mapping[str, Any]], settings: OperatorSettings, now: datetime) -> Outcome:
+Probes = Mapping[int, int | None]
+"""Replica index -> the optimizer steps that worker's first process has begun (its /metrics);
+None when it did not answer."""
+
+
+def reconcile(job: Job, pods: Sequence[Mapping[str, Any]], settings: OperatorSettings, now: datetime,
+              probes: Probes | None = None) -> Outcome:
     observed = [observe_pod(dict(pod)) for pod in pods if owned_by(dict(pod), job.ref.uid)]
     previous = dict(job.status)
     if previous.get("phase") in FINAL_PHASES:
@@ -155,15 +165,15 @@ def reconcile(job: Job, pods: Sequence[Mapping[str, Any]], settings: OperatorSet
         # Only for what the API server could not check (deepspeed.config keys), or a server
         # without the CRD's rules: the job cannot run as written, and says why.
         return _Pass(job, None, settings, now, observed).fail("InvalidSpec", str(error))
-    return _Pass(job, spec, settings, now, observed).run()
+    return _Pass(job, spec, settings, now, observed, probes).run()
 
 
 class _Pass:
     """One reconciliation of an unfinished job: each method is one branch of its life."""
 
     def __init__(self, job: Job, spec: FineTuneJobSpec | None, settings: OperatorSettings, now: datetime,
-                 observed: list[PodObservation]) -> None:
-        self.job, self.spec, self.settings, self.now = job, spec, settings, now
+                 observed: list[PodObservation], probes: Probes | None = None) -> None:
+        self.job, self.spec, self.settings, self.now, self.probes = job, spec, settings, now, probes
         self.previous = dict(job.status)
         self.policy = spec.run_policy if spec else RunPolicy()
         self.launched: dict[str, Any] = dict(self.previous.get("launched") or {})
@@ -271,7 +281,10 @@ class _Pass:
         progress = self.previous.get("progress") or {}
         stalled = self._stalled(progress, launched)
         if stalled:
-            return self.restart_or_fail(FailureReport("Stalled", stalled), None)
+            if self.probes is None:
+                return Outcome(None, probe=True)
+            culprit, why = self._holding_up(self.probes)
+            return self.restart_or_fail(FailureReport("Stalled", f"{stalled}: {why}"), culprit)
         done = bool(progress.get("totalSteps")) and progress.get("step", 0) >= progress["totalSteps"] \
             and self._stepped_in_attempt(progress, launched)
         phase: Phase = "Publishing" if done else "Running"
@@ -441,8 +454,26 @@ class _Pass:
             return None
         if (self.now - parse_time(progress["stepTime"])).total_seconds() < limit:  # type: ignore[operator]
             return None
-        return (f"no new optimizer step for {limit}s (last at step {progress.get('step')}): "
-                "spec.runPolicy.stallTimeoutSeconds")
+        return (f"no new optimizer step for {limit}s (last at step {progress.get('step')}; "
+                "spec.runPolicy.stallTimeoutSeconds)")
+
+    def _holding_up(self, probes: Probes) -> tuple[PodObservation | None, str]:
+        """The worker a stalled gang waits for, and why: one that does not answer (stopped,
+        hung with the interpreter held), else one that has begun fewer steps than the others
+        (they wait for it in the next step's first collective)."""
+        pods = {index: pod for index, pod in self.current.items() if index in probes}
+        silent = [pods[index] for index in sorted(pods) if probes[index] is None]
+        if silent:
+            names = ", ".join(pod.name for pod in silent)
+            return silent[0], f"{names} did not answer on its metrics port (stopped or hung)"
+        begun = {index: probes[index] for index in pods}
+        if begun and min(begun.values()) < max(begun.values()):  # type: ignore[type-var]
+            low = min(begun.values())  # type: ignore[type-var]
+            behind = [pods[index] for index in sorted(begun) if begun[index] == low]
+            names = ", ".join(pod.name for pod in behind)
+            return behind[0], (f"{names} never began step {max(begun.values())} that the others "  # type: ignore[type-var]
+                               f"wait in (its last: step {low})")
+        return None, "every worker has begun the same step: the gang waits inside it, in a collective or the data"
 
     @staticmethod
     def _stepped_in_attempt(progress: dict[str, Any], launched: dict[str, Any]) -> bool:

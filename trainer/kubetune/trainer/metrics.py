@@ -1,4 +1,5 @@
-"""Prometheus metrics served by rank 0 at ``:<metrics.port>/metrics``.
+"""Prometheus metrics served by rank 0 at ``:<metrics.port>/metrics`` (the first process of every
+other worker serves ``RankMetrics`` only).
 
 The operator (or a PodMonitor) scrapes these to show progress in the FineTuneJob status.
 A private registry keeps the output to these series (plus nothing from other libraries).
@@ -15,11 +16,26 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_se
 UPLOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
-class TrainMetrics:
-    """The series one training run exports."""
+class RankMetrics:
+    """What the first process of every worker serves: the optimizer steps it has begun. A rank
+    that sleeps or hangs between steps lags the others (which wait for it in the next step's
+    first collective); a stopped one does not answer. The operator reads them on a stall."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.steps_begun = Gauge(names.STEPS_BEGUN, "Optimizer steps this process has begun.", registry=self.registry)
+
+    def serve(self, port: int) -> None:
+        """Serve /metrics on every interface (the pod IP must be scrapable); port 0 = off."""
+        if port:
+            start_http_server(port, addr="0.0.0.0", registry=self.registry)
+
+
+class TrainMetrics(RankMetrics):
+    """The series one training run exports (rank 0)."""
 
     def __init__(self, *, gpu: bool = False) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.step = Gauge(names.STEP, "Optimizer steps completed.", registry=r)
         self.total_steps = Gauge(names.TOTAL_STEPS, "Optimizer steps this run will take.", registry=r)
@@ -81,11 +97,6 @@ class TrainMetrics:
     def describe_run(self, model_uri: str, dataset_uri: str, adapter_uri: str, zero_stage: int) -> None:
         self.info.labels(model_uri=model_uri, dataset_uri=dataset_uri, adapter_uri=adapter_uri,
                          zero_stage=str(zero_stage)).set(1)
-
-    def serve(self, port: int) -> None:
-        """Serve /metrics on every interface (the pod IP must be scrapable); port 0 = off."""
-        if port:
-            start_http_server(port, addr="0.0.0.0", registry=self.registry)
 
 
 class _NoBar:

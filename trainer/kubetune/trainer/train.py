@@ -173,6 +173,9 @@ class LoRAFineTuneRecipe:
         _respect_omp_num_threads()
         self.workdir = _workdir(config, self.topo)
         self.metrics: Any = None
+        """Rank 0's training series (TrainMetrics); None on the other ranks."""
+        self.rank_metrics: Any = None
+        """The steps this process has begun (RankMetrics), served by the first process of every worker."""
         self.checkpointer: Any = None
         self.resumed: Any = None
         self.validation_set: list = []
@@ -198,7 +201,8 @@ class LoRAFineTuneRecipe:
         import deepspeed
 
         _configure_logging(self.topo)  # again: importing deepspeed resets its logger to INFO
-        self.metrics = _start_metrics(self.config, self.topo)
+        self.rank_metrics = _start_metrics(self.config, self.topo)
+        self.metrics = self.rank_metrics if self.topo.is_main else None
         _without_shm_comm_op(deepspeed)
         # nccl for GPUs, gloo on CPUs. A timeout of minutes, not torch's half hour: a rank that
         # died leaves the others blocked in a collective, and they should fail while a restart helps.
@@ -355,6 +359,8 @@ class LoRAFineTuneRecipe:
         head = output_layer(self.engine.module)
         for index in range(start.batch if epoch == start.epoch else 0, len(batches)):
             if index % self.accumulation == 0:
+                if self.rank_metrics:
+                    self.rank_metrics.steps_begun.set(self.progress.steps + 1)
                 # An optimizer step begins: how many tokens it trains, and whether any rank got
                 # SIGTERM since the last one began (one small all_reduce for both).
                 self.step_tokens, stop = step_start_all_ranks(
@@ -798,13 +804,18 @@ def _respect_omp_num_threads() -> None:
 
 
 def _start_metrics(config: TrainerConfig, topo: Topology) -> Any:
-    """Rank 0 serves /metrics from the start, so a scrape sees the job before step 1."""
-    if not topo.is_main or not config.metrics.port:
+    """Rank 0 serves /metrics from the start, so a scrape sees the job before step 1; the first
+    process of every other worker serves the steps it has begun (RankMetrics)."""
+    if not topo.is_node_main or not config.metrics.port:
         return None
-    from kubetune.trainer.metrics import TrainMetrics
+    from kubetune.trainer.metrics import RankMetrics, TrainMetrics
 
-    metrics = TrainMetrics(gpu=torch.cuda.is_available())
-    metrics.describe_run(config.model.uri, config.dataset.uri, config.output.adapter_uri, config.deepspeed.zero_stage)
+    if topo.is_main:
+        metrics = TrainMetrics(gpu=torch.cuda.is_available())
+        metrics.describe_run(config.model.uri, config.dataset.uri, config.output.adapter_uri,
+                             config.deepspeed.zero_stage)
+    else:
+        metrics = RankMetrics()
     try:
         metrics.serve(config.metrics.port)
     except OSError as exc:
