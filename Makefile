@@ -74,7 +74,8 @@ test-fast: install ## Unit tests only (no cluster, no training).
 
 chaos: install ## Every chaos row with its full number of trials (~90 min); prints the chaos table, writes .chaos/table.json.
 	KUBETUNE_CHAOS=full KUBETUNE_CHAOS_REPORT=.chaos/table.json $(BIN)/pytest tests/chaos tests/e2e/test_worker_chaos.py \
-	  tests/e2e/test_quickstart.py::test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter $(PYTEST_ARGS)
+	  tests/e2e/test_quickstart.py::test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter \
+	  tests/chart/test_chart_on_cluster.py $(PYTEST_ARGS)
 
 crds: install ## Regenerate crds/finetunejob.yaml (and the chart's copy) from the types in api/kubetune/api/.
 	$(BIN)/python -m kubetune.api.crd crds/finetunejob.yaml

@@ -67,22 +67,6 @@ def gang_sizes(count: int, seed: int) -> list[int]:
     return [rng.randint(2, 8) for _ in range(count)]
 
 
-def finetunejob(name: str, workers: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
-            "model": {"uri": "s3://models/tiny-llama/"},
-            "dataset": {"uri": "s3://datasets/quickstart/train.jsonl", "format": "text"},
-            # 840 is a multiple of every gang size 2-8 (one process per worker).
-            "training": {"microBatchSize": 1, "globalBatchSize": 840},
-            "workers": {"replicas": workers},
-            "output": {"adapterUri": f"s3://adapters/{name}/"},
-            "runPolicy": {"skipPreflight": True},
-        },
-    }
-
-
 def indexed_job(name: str, workers: int) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1", "kind": "Job",
@@ -268,7 +252,7 @@ def start_operator(kubeconfig: Path, log_path: Path, cluster_prefix: str) -> sub
 def run_count(count: int, args: argparse.Namespace) -> dict[str, Any]:
     from kubetune.cli.demo import Kubectl, install_crd
     from kubetune.localcluster.cluster import LocalCluster
-    from kubetune.localcluster.simulated import SimulatedNodes
+    from kubetune.localcluster.simulated import SimulatedNodes, simulated_job
 
     sizes = gang_sizes(count, seed=count)
     result: dict[str, Any] = {"jobs": count, "pods": sum(sizes)}
@@ -284,7 +268,7 @@ def run_count(count: int, args: argparse.Namespace) -> dict[str, Any]:
             for kind in ("baseline", "kubetune"):
                 names = [f"{'ftj' if kind == 'kubetune' else 'job'}-{index:04d}" for index in range(count)]
                 by_name = dict(zip(names, sizes))
-                maker = finetunejob if kind == "kubetune" else indexed_job
+                maker = simulated_job if kind == "kubetune" else indexed_job
                 objects = [maker(name, size) for name, size in by_name.items()]
                 operator = start_operator(cluster.kubeconfig, Path(state) / "operator.log", cluster.prefix) \
                     if kind == "kubetune" else None

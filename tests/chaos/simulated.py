@@ -33,21 +33,6 @@ KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 NAMESPACE = "default"
 
 
-def finetunejob(name: str, workers: int = 4, **run_policy: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
-            "model": {"uri": "s3://models/tiny-llama/"},
-            "dataset": {"uri": "s3://datasets/quickstart/train.jsonl", "format": "text"},
-            "training": {"microBatchSize": 1, "globalBatchSize": 840},
-            "workers": {"replicas": workers},
-            "output": {"adapterUri": f"s3://adapters/{name}/"},
-            "runPolicy": {"skipPreflight": True, **run_policy},
-        },
-    }
-
-
 @dataclass
 class Operator:
     """``kubetune operator`` as a child process; ``kill()`` is SIGKILL (no clean-up of any kind)."""

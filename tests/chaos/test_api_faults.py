@@ -31,12 +31,12 @@ from chaos_table import TABLE, trials
 from faultproxy import Fault, FaultProxy, k8s_status
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from simulated import NAMESPACE, Operator, PhaseLog, PodLedger, finetunejob, wait_for
+from simulated import NAMESPACE, Operator, PhaseLog, PodLedger, wait_for
 
 from kubetune.cli.demo import Kubectl, install_crd
 from kubetune.localcluster.cluster import LocalCluster
 from kubetune.localcluster.leftovers import MARKER_ENV
-from kubetune.localcluster.simulated import SimulatedNodes
+from kubetune.localcluster.simulated import SimulatedNodes, simulated_job
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_SECONDS = 6.0  # a simulated worker's run: long enough for a restart to land mid-job
@@ -95,7 +95,7 @@ class _Sim:
 
     def apply(self, name: str) -> str:
         body = self.custom.create_namespaced_custom_object("kubetune.dev", "v1alpha1", NAMESPACE, "finetunejobs",
-                                                           finetunejob(name, WORKERS))
+                                                           simulated_job(name, WORKERS))
         return body["metadata"]["uid"]
 
     def job(self, name: str) -> dict | None:

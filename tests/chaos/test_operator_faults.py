@@ -19,13 +19,13 @@ import pytest
 from chaos_table import TABLE, trials
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from simulated import NAMESPACE, Operator, PodLedger, finetunejob, wait_for
+from simulated import NAMESPACE, Operator, PodLedger, wait_for
 
 from kubetune.api.labels import JOB_UID_LABEL
 from kubetune.cli.demo import Kubectl, install_crd
 from kubetune.localcluster.cluster import LocalCluster
 from kubetune.localcluster.leftovers import MARKER_ENV
-from kubetune.localcluster.simulated import SimulatedNodes
+from kubetune.localcluster.simulated import SimulatedNodes, simulated_job
 
 REPO = Path(__file__).resolve().parents[2]
 # How long a simulated worker runs: long enough to kill the operator mid-job, and for a restarted
@@ -59,7 +59,7 @@ class _Sim:
 
     def apply(self, name: str, **run_policy) -> str:
         body = self.custom.create_namespaced_custom_object("kubetune.dev", "v1alpha1", NAMESPACE, "finetunejobs",
-                                                           finetunejob(name, WORKERS, **run_policy))
+                                                           simulated_job(name, WORKERS, **run_policy))
         return body["metadata"]["uid"]
 
     def job(self, name: str) -> dict | None:

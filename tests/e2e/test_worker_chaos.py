@@ -63,20 +63,21 @@ def _begun(url: str) -> int | None:
         return None
 
 
-def _uploading(s3, prefix: str, files: int) -> int | None:
-    """The step of a checkpoint whose upload is under way: some of its files in S3, not all."""
-    listing = s3.list_objects_v2(Bucket="adapters", Prefix=prefix).get("Contents", [])
+def _uploading(s3, prefix: str) -> int | None:
+    """The step of a checkpoint whose upload is under way: fewer of its files in S3 than a
+    COMPLETE checkpoint of the same listing has (COMPLETE comes at the next checkpoint, so a
+    folder without it may be whole already)."""
     counts: dict[str, int] = {}
-    for obj in listing:
-        folder, _, _ = obj["Key"][len(prefix):].partition("/")
-        counts[folder] = counts.get(folder, 0) + 1
-    partial = [folder for folder, count in counts.items() if 0 < count < files]
+    complete: set[str] = set()
+    for obj in s3.list_objects_v2(Bucket="adapters", Prefix=prefix).get("Contents", []):
+        folder, _, file = obj["Key"][len(prefix):].partition("/")
+        if file == "COMPLETE":
+            complete.add(folder)
+        else:
+            counts[folder] = counts.get(folder, 0) + 1
+    files = max((counts.get(folder, 0) for folder in complete), default=0)
+    partial = [folder for folder, count in counts.items() if folder not in complete and 0 < count < files]
     return int(partial[0].removeprefix("step-")) if partial else None
-
-
-def _files_per_checkpoint(s3, prefix: str, step: int) -> int:
-    listing = s3.list_objects_v2(Bucket="adapters", Prefix=f"{prefix}step-{step}/").get("Contents", [])
-    return len([obj for obj in listing if not obj["Key"].endswith("/COMPLETE")])
 
 
 @pytest.mark.parametrize("moment", ["step", "upload"])
@@ -93,14 +94,13 @@ def _killed_trial(stack, ledger, uninterrupted, row, name: str, moment: str) -> 
     kubectl, s3 = stack.kubectl, stack.s3
     prefix = f"{name}-checkpoints/"
     kubectl.run("apply", "-f", "-", input=long_job(name, spec__runPolicy={"skipPreflight": True}))
-    first = after_a_checkpoint(stack, name)
+    after_a_checkpoint(stack, name)
     url = _metrics_of(kubectl, name, 0)
     rank = random.randrange(2)
     if moment == "step":
         time.sleep(random.uniform(0, 0.5))
     else:
-        files = _files_per_checkpoint(s3, prefix, first)
-        wait_for(lambda: _uploading(s3, prefix, files), "a checkpoint upload under way", timeout=120, every=0.02)
+        wait_for(lambda: _uploading(s3, prefix), "a checkpoint upload under way", timeout=120, every=0.02)
     begun = _begun(url)
     signal_rank(name, rank, signal.SIGKILL)
     killed_at = time.monotonic()

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -220,6 +221,24 @@ spec:
   next:
     delete: true
 """
+
+
+def simulated_job(name: str, workers: int, namespace: str = "default", **run_policy: Any) -> dict[str, Any]:
+    """A FineTuneJob for simulated nodes (the operator's scale benchmark and chaos tests): its
+    workers run nothing, so nothing it names is read, and no preflight pod runs. 840, its global
+    batch, is a multiple of every gang size from 2 to 8 (one process per worker)."""
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": "s3://models/tiny-llama/"},
+            "dataset": {"uri": "s3://datasets/quickstart/train.jsonl", "format": "text"},
+            "training": {"microBatchSize": 1, "globalBatchSize": 840},
+            "workers": {"replicas": workers},
+            "output": {"adapterUri": f"s3://adapters/{name}/"},
+            "runPolicy": {"skipPreflight": True, **run_policy},
+        },
+    }
 
 
 def stages(run_seconds: float, jitter_seconds: float) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.results import eval_points
+
 PLOT_NAME = "loss.png"
 SIZE_INCHES = (6.4, 4.0)
 DPI = 100
@@ -28,7 +30,7 @@ def render_loss_curve(results: dict[str, Any], path: Path, *, title: str = "") -
     train = [(int(step), float(loss)) for step, loss in results.get("lossHistory") or []]
     if not train:
         return None
-    evals = _eval_points(results)
+    evals = eval_points(results)
 
     figure = Figure(figsize=SIZE_INCHES, dpi=DPI)
     FigureCanvasAgg(figure)  # attaches itself to the figure; savefig renders through it
@@ -47,14 +49,3 @@ def render_loss_curve(results: dict[str, Any], path: Path, *, title: str = "") -
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
-
-
-def _eval_points(results: dict[str, Any]) -> list[tuple[int, float]]:
-    points: dict[int, float] = {}
-    if results.get("initialEvalLoss") is not None:
-        points[0] = float(results["initialEvalLoss"])
-    for entry in results.get("evalHistory") or []:
-        points[int(entry["step"])] = float(entry["evalLoss"])
-    if results.get("evalLoss") is not None and results.get("steps") is not None:
-        points[int(results["steps"])] = float(results["evalLoss"])
-    return sorted(points.items())

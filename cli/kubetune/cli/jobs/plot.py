@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.results import eval_points
 from kubetune.cli.jobs.adapter import published_manifest
 from kubetune.cli.jobs.common import (
     describe_command, ATTEMPT_LABEL, COMPONENT_LABEL, CONTAINER, REPLICA_INDEX_LABEL, CommandError, Kubectl, add_cluster_flags,
@@ -75,19 +76,6 @@ def describe_curve(history: list[tuple[int, float]], width: int = WIDTH, fancy: 
         arrow = " → " if fancy else " -> "
         lines.append("eval  " + arrow.join(f"{loss:.4f}@{step}" for step, loss in evals))
     return "\n".join(lines)
-
-
-def eval_points(results: dict[str, Any]) -> list[tuple[int, float]]:
-    """The eval losses as the trainer's loss.png draws them: before training (step 0), at each
-    epoch end and at the end."""
-    points: dict[int, float] = {}
-    if results.get("initialEvalLoss") is not None:
-        points[0] = float(results["initialEvalLoss"])
-    for entry in results.get("evalHistory") or []:
-        points[int(entry["step"])] = float(entry["evalLoss"])
-    if results.get("evalLoss") is not None and results.get("steps") is not None:
-        points[int(results["steps"])] = float(results["evalLoss"])
-    return sorted(points.items())
 
 
 def losses_from_log(text: str) -> list[tuple[int, float]]:
