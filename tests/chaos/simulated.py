@@ -12,25 +12,49 @@ forward.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, watch
+from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.labels import JOB_UID_LABEL, REPLICA_INDEX_LABEL
+from kubetune.cli.demo import Kubectl, install_crd
+from kubetune.localcluster.cluster import LocalCluster
+from kubetune.localcluster.leftovers import MARKER_ENV
 from kubetune.localcluster.processes import free_port
+from kubetune.localcluster.simulated import SimulatedNodes
 
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 NAMESPACE = "default"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def simulated_cluster(state: Path, run_seconds: float) -> Iterator[tuple[LocalCluster, client.ApiClient, SimulatedNodes]]:
+    """The control plane (audited) with the CRD and 4 kwok nodes whose pods run ``run_seconds``
+    (plus up to half a second)."""
+    with LocalCluster(state_dir=state / "cluster", node=False, audit=True) as cluster:
+        install_crd(Kubectl(str(cluster.kubeconfig)), REPO)
+        api = config.new_client_from_config(str(cluster.kubeconfig))
+        with SimulatedNodes(cluster.kubeconfig, state / "kwok", count=4, run_seconds=run_seconds,
+                            jitter_seconds=0.5, cluster_prefix=cluster.prefix) as nodes:
+            yield cluster, api, nodes
+
+
+def operator_env(cluster: LocalCluster) -> dict[str, str]:
+    """A 1 s restart back-off (trials restart gangs), and the cluster's marker (``local down``
+    finds the operator with the cluster's other processes)."""
+    return {"KUBETUNE_RESTART_BACKOFF_SECONDS": "1", MARKER_ENV: cluster.prefix}
 
 
 @dataclass

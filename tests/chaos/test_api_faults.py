@@ -29,16 +29,12 @@ import pytest
 import yaml
 from chaos_table import TABLE, trials
 from faultproxy import Fault, FaultProxy, k8s_status
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from simulated import NAMESPACE, Operator, PhaseLog, PodLedger, wait_for
+from simulated import NAMESPACE, Operator, PhaseLog, PodLedger, operator_env, simulated_cluster, wait_for
 
-from kubetune.cli.demo import Kubectl, install_crd
-from kubetune.localcluster.cluster import LocalCluster
-from kubetune.localcluster.leftovers import MARKER_ENV
-from kubetune.localcluster.simulated import SimulatedNodes, simulated_job
+from kubetune.localcluster.simulated import simulated_job
 
-REPO = Path(__file__).resolve().parents[2]
 RUN_SECONDS = 6.0  # a simulated worker's run: long enough for a restart to land mid-job
 WORKERS = 4
 API_TIMEOUT_SECONDS = 4  # the proxied operator's KUBETUNE_API_TIMEOUT_SECONDS (production: 70)
@@ -50,18 +46,14 @@ NOT_WATCH = r"^(?!.*[?&]watch=(true|1)(&|$))"
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     state = tmp_path_factory.mktemp("api")
-    with LocalCluster(state_dir=state / "cluster", node=False, audit=True) as cluster:
-        install_crd(Kubectl(str(cluster.kubeconfig)), REPO)
-        api = config.new_client_from_config(str(cluster.kubeconfig))
+    with simulated_cluster(state, RUN_SECONDS) as (cluster, api, nodes):
         pki = cluster.control_plane.pki
         upstream_tls = ssl.create_default_context(cafile=str(pki.ca.cert))
         upstream_tls.load_cert_chain(str(pki.admin.cert), str(pki.admin.key))
-        with (SimulatedNodes(cluster.kubeconfig, state / "kwok", count=4, run_seconds=RUN_SECONDS,
-                             jitter_seconds=0.5, cluster_prefix=cluster.prefix) as nodes,
-              FaultProxy(cluster.api_url, upstream_ssl=upstream_tls, seed=5) as proxy,
+        with (FaultProxy(cluster.api_url, upstream_ssl=upstream_tls, seed=5) as proxy,
               PodLedger(client.CoreV1Api(api)) as ledger,
               PhaseLog(client.CustomObjectsApi(api)) as phases):
-            env = {"KUBETUNE_RESTART_BACKOFF_SECONDS": "1", MARKER_ENV: cluster.prefix}
+            env = operator_env(cluster)
             direct = Operator(cluster.kubeconfig, state / "operator.log", env=env)
             proxied = Operator(_proxy_kubeconfig(state / "proxied.kubeconfig", proxy.url),
                                state / "operator-proxied.log",

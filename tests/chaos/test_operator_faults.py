@@ -17,17 +17,14 @@ from pathlib import Path
 
 import pytest
 from chaos_table import TABLE, trials
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from simulated import NAMESPACE, Operator, PodLedger, wait_for
+from simulated import NAMESPACE, Operator, PodLedger, operator_env, simulated_cluster, wait_for
 
 from kubetune.api.labels import JOB_UID_LABEL
-from kubetune.cli.demo import Kubectl, install_crd
-from kubetune.localcluster.cluster import LocalCluster
 from kubetune.localcluster.leftovers import MARKER_ENV
-from kubetune.localcluster.simulated import SimulatedNodes, simulated_job
+from kubetune.localcluster.simulated import simulated_job
 
-REPO = Path(__file__).resolve().parents[2]
 # How long a simulated worker runs: long enough to kill the operator mid-job, and for a restarted
 # operator (2-3 s to start on a busy machine) to act on a failure before kwok ends the pod anyway.
 RUN_SECONDS = 8.0
@@ -37,17 +34,12 @@ WORKERS = 4
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     state = tmp_path_factory.mktemp("sim")
-    with LocalCluster(state_dir=state / "cluster", node=False, audit=True) as cluster:
-        install_crd(Kubectl(str(cluster.kubeconfig)), REPO)
-        api = config.new_client_from_config(str(cluster.kubeconfig))
-        with SimulatedNodes(cluster.kubeconfig, state / "kwok", count=4, run_seconds=RUN_SECONDS,
-                            jitter_seconds=0.5, cluster_prefix=cluster.prefix) as nodes:
-            operator = Operator(cluster.kubeconfig, state / "operator.log",
-                                env={"KUBETUNE_RESTART_BACKOFF_SECONDS": "1", MARKER_ENV: cluster.prefix})
-            core = client.CoreV1Api(api)
-            with PodLedger(core) as ledger:
-                yield _Sim(api, core, nodes, operator, ledger, cluster)
-            operator.stop()
+    with simulated_cluster(state, RUN_SECONDS) as (cluster, api, nodes):
+        operator = Operator(cluster.kubeconfig, state / "operator.log", env=operator_env(cluster))
+        core = client.CoreV1Api(api)
+        with PodLedger(core) as ledger:
+            yield _Sim(api, core, nodes, operator, ledger, cluster)
+        operator.stop()
 
 
 class _Sim:

@@ -56,6 +56,10 @@ lost their peer, only repeat it."""
 NOT_STARTED_REASONS = ("InvalidSpec", "ChildRefused", "PreflightFailed")
 
 
+def _names(pods: Sequence[PodObservation]) -> str:
+    return ", ".join(pod.name for pod in pods)
+
+
 @dataclass(frozen=True)
 class Job:
     """What the reconciler needs of a FineTuneJob object."""
@@ -464,15 +468,12 @@ class _Pass:
         pods = {index: pod for index, pod in self.current.items() if index in probes}
         silent = [pods[index] for index in sorted(pods) if probes[index] is None]
         if silent:
-            names = ", ".join(pod.name for pod in silent)
-            return silent[0], f"{names} did not answer on its metrics port (stopped or hung)"
-        begun = {index: probes[index] for index in pods}
-        if begun and min(begun.values()) < max(begun.values()):  # type: ignore[type-var]
-            low = min(begun.values())  # type: ignore[type-var]
+            return silent[0], f"{_names(silent)} did not answer on its metrics port (stopped or hung)"
+        begun = {index: steps for index in pods if (steps := probes[index]) is not None}
+        low, high = min(begun.values(), default=0), max(begun.values(), default=0)
+        if low < high:
             behind = [pods[index] for index in sorted(begun) if begun[index] == low]
-            names = ", ".join(pod.name for pod in behind)
-            return behind[0], (f"{names} never began step {max(begun.values())} that the others "  # type: ignore[type-var]
-                               f"wait in (its last: step {low})")
+            return behind[0], f"{_names(behind)} never began step {high} that the others wait in (its last: step {low})"
         return None, "every worker has begun the same step: the gang waits inside it, in a collective or the data"
 
     @staticmethod
