@@ -585,13 +585,21 @@ async def _scrape(job: JobRef, pods: list[dict[str, Any]], attempt: int | None, 
     """Rank 0's /metrics text of the current attempt, or None. A failed scrape is no error: the
     job runs on, the failure is counted, and the next tick tries again."""
     await asyncio.sleep(random.uniform(0, PROGRESS_SECONDS / 5))  # jobs started together scrape apart
-    rank0 = [pod for pod in ours(job, pods)
-             if pod["metadata"].get("labels", {}).get(REPLICA_INDEX_LABEL) == "0"
-             and pod["metadata"]["labels"].get(ATTEMPT_LABEL) == str(attempt)]
-    url = metrics_url(rank0[0]) if rank0 else None
+    url = _metrics_urls(job, pods, attempt).get(0)
     if url is None:
         return None  # worker-0 has no IP yet, or no metrics port to scrape
     return await _get_metrics(url, memo, logger)
+
+
+def _metrics_urls(job: JobRef, pods: list[dict[str, Any]], attempt: int | None) -> dict[int, str]:
+    """Replica index -> where that worker of ``attempt`` serves /metrics (once it has an IP)."""
+    urls = {}
+    for pod in ours(job, pods):
+        labels = pod["metadata"].get("labels", {})
+        url = metrics_url(pod)
+        if labels.get(ATTEMPT_LABEL) == str(attempt) and labels.get(REPLICA_INDEX_LABEL, "").isdigit() and url:
+            urls[int(labels[REPLICA_INDEX_LABEL])] = url
+    return urls
 
 
 async def _get_metrics(url: str, memo: kopf.Memo, logger: kopf.Logger) -> str | None:
@@ -609,13 +617,7 @@ async def _probe_workers(job: Job, pods: list[dict[str, Any]], memo: kopf.Memo,
     """The steps each worker of the running attempt has begun, asked of all at once (a stalled
     job's pass only); None for one that does not answer. A worker with no address or port to
     ask is left out: nothing can be said of it."""
-    attempt = str((job.status.get("launched") or {}).get("attempt"))
-    urls = {}
-    for pod in ours(job.ref, pods):
-        labels = pod["metadata"].get("labels", {})
-        url = metrics_url(pod)
-        if labels.get(ATTEMPT_LABEL) == attempt and labels.get(REPLICA_INDEX_LABEL, "").isdigit() and url:
-            urls[int(labels[REPLICA_INDEX_LABEL])] = url
+    urls = _metrics_urls(job.ref, pods, (job.status.get("launched") or {}).get("attempt"))
     texts = await asyncio.gather(*(_get_metrics(url, memo, logger) for url in urls.values()))
     probes: dict[int, int | None] = {}
     for index, text in zip(urls, texts):
