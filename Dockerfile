@@ -111,7 +111,7 @@ CMD ["operator"]
 
 # ---------------------------------------------------------------------------------------------
 # trainer: the worker pods' image. The operator gives each pod its own command
-# (python -m kubetune.trainer.logkeeper --config /etc/kubetune/config.yaml -- torchrun ...),
+# (python -m kubetune.trainer.logkeeper --config /etc/kubetune/config.json -- torchrun ...),
 # so ENTRYPOINT only serves `docker run`. g++: DeepSpeed compiles its CPU ops (cpu_adam for
 # deepspeed.offload: cpu) on first use, into TORCH_EXTENSIONS_DIR.
 FROM runtime-base AS trainer

@@ -122,7 +122,7 @@ def test_missing_or_broken_file_is_explained(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("schemaVersion: [1\n")
-    with pytest.raises(InvalidObjectError, match="not valid YAML"):
+    with pytest.raises(InvalidObjectError, match="neither JSON nor valid YAML"):
         load_config(broken)
     listing = tmp_path / "list.yaml"
     listing.write_text(yaml.safe_dump([1, 2]))

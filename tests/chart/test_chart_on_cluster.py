@@ -65,7 +65,7 @@ def test_every_pod_the_operator_builds_is_accepted_in_a_restricted_namespace(clu
     """The quickstart's and the GPU example's preflight and workers (every pod-shape knob set),
     as the operator builds them, against the API server's schemas and Pod Security admission."""
     from kubetune.api import JobRef, parse_spec
-    from kubetune.operator.manifests import build_config_map, build_preflight_pod, build_workers
+    from kubetune.operator.manifests import build_preflight_pod, build_workers
     from kubetune.operator.settings import OperatorSettings
 
     from chaos_table import TABLE
@@ -80,8 +80,7 @@ def test_every_pod_the_operator_builds_is_accepted_in_a_restricted_namespace(clu
         spec = parse_spec(yaml.safe_load((REPO / "examples" / example).read_text())["spec"])
         job = JobRef(name="shape", namespace=JOBS, uid="00000000-0000-0000-0000-000000000001")
         settings = OperatorSettings()
-        children = [build_config_map(job, spec, settings), build_preflight_pod(job, spec, settings),
-                    *build_workers(job, spec, settings, attempt=2)]
+        children = [build_preflight_pod(job, spec, settings), *build_workers(job, spec, settings, attempt=2)]
         result = kubectl.run("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(children), check=False)
         admitted = result.returncode == 0 and not result.stderr  # a Pod Security warning goes to stderr
         row.record(admitted and result.stdout.count("(server dry run)") == len(children),

@@ -488,3 +488,24 @@ def test_how_to_load_and_serve_it() -> None:
     assert 'model = PeftModel.from_pretrained(base, "./bot-adapter")' in text
     assert "vllm serve BASE --enable-lora --lora-modules bot=./bot-adapter --max-lora-rank 32" in text
     assert [adapter.vllm_max_lora_rank(r) for r in (1, 8, 9, 16, 300, 512)] == [1, 8, 16, 16, 320, 512]
+
+
+@pytest.mark.parametrize(("flag", "environment", "spec_endpoint", "launched", "expected"), [
+    ("http://flag:9000", "http://env:9000", "http://spec:9000", "http://op:9000", ("http://flag:9000", "--s3-endpoint")),
+    (None, "http://env:9000", "http://spec:9000", "http://op:9000", ("http://env:9000", "AWS_ENDPOINT_URL_S3")),
+    (None, None, "http://spec:9000", "http://op:9000", ("http://spec:9000", "the job's spec.storage.endpoint")),
+    (None, None, None, "http://op:9000",
+     ("http://op:9000", "the operator's default, from the job's status.launched.storageEndpoint")),
+    (None, None, None, None, (None, "")),
+])
+def test_the_s3_endpoint_comes_from_the_flag_the_environment_the_spec_then_the_operators_choice(
+        monkeypatch, flag, environment, spec_endpoint, launched, expected) -> None:
+    from kubetune.cli.jobs.s3 import endpoint_for
+    for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    if environment:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", environment)
+    job = {"metadata": {"name": "j", "namespace": "default"},
+           "spec": {"storage": {"endpoint": spec_endpoint} if spec_endpoint else {}},
+           "status": {"launched": {"storageEndpoint": launched}} if launched else {}}
+    assert endpoint_for(job, argparse.Namespace(s3_endpoint=flag)) == expected

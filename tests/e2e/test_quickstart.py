@@ -134,7 +134,7 @@ def test_quickstart_runs_to_succeeded_and_publishes_a_working_adapter(stack):
     kubectl.run("delete", "ftj", "quickstart")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = [kind for kind in ("pods", "services", "configmaps")
+        left = [kind for kind in ("pods", "services")
                 if kubectl.run("get", kind, "-l", "kubetune.dev/job-name=quickstart", "-o", "name").stdout.strip()]
         if not left:
             break

@@ -227,7 +227,7 @@ def test_health_follows_a_job_through_restart_suspend_and_success(lua_health) ->
     check("Validating", "Progressing", "Validating: checking the job's inputs in pod support-bot-v1-preflight")
     life.set_pods("Succeeded", prefix="support-bot-v1-preflight", exit_code=0)
     life.reconcile()
-    check("Pending", "Progressing", "created 2 worker pods (attempt 1)")
+    check("Pending", "Progressing", "waiting for all 2 workers to run (attempt 1)")
     life.set_pods("Running", prefix="support-bot-v1-worker")
     life.reconcile()
     check("Running", "Progressing")

@@ -52,8 +52,10 @@ def test_volumes_write_items_with_modes_and_decode_secrets(tmp_path: Path) -> No
         {"name": "creds", "secret": {"secretName": "s", "defaultMode": 0o440,
                                      "items": [{"key": "token", "path": "sub/t", "mode": 0o400}]}},
         {"name": "cfg", "configMap": {"name": "c"}},
-        {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+        {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}, {
+            "path": "config.json", "fieldRef": {"fieldPath": "metadata.annotations['kubetune.dev/trainer-config']"}}]}},
     ]}}
+    pod["metadata"] = {**POD["metadata"], "annotations": {"kubetune.dev/trainer-config": '{"schemaVersion":1}'}}
     objects = {("secret", "s"): podconfig.object_data("secret", secret),
                ("configmap", "c"): podconfig.object_data("configmap", {"data": {"a.yaml": "x: 1"}})}
 
@@ -63,6 +65,7 @@ def test_volumes_write_items_with_modes_and_decode_secrets(tmp_path: Path) -> No
     assert oct(os.stat(dirs["creds"] / "sub/t").st_mode & 0o777) == oct(0o400)
     assert (dirs["cfg"] / "a.yaml").read_text() == "x: 1"
     assert (dirs["info"] / "labels").read_text() == 'role="worker"'
+    assert (dirs["info"] / "config.json").read_text() == '{"schemaVersion":1}'  # one annotation's value, as is
     with pytest.raises(podconfig.ConfigError, match="refers to no volume"):
         podconfig.container_mounts({"volumeMounts": [{"name": "nope", "mountPath": "/x"}]}, dirs)
 

@@ -34,11 +34,12 @@ from kubetune.operator.leader import LeaderElection
 from kubetune.operator.settings import API_TIMEOUT_SECONDS, OperatorSettings
 
 TIMEOUT = 0.1
-CONFIG_MAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "default"}}
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "default"},
+           "spec": {"clusterIP": "None", "ports": [{"port": 1}]}}
 POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "default"},
        "spec": {"containers": [{"name": "trainer", "image": "busybox"}]}}
 KUBE_CALLS = {
-    "create a ConfigMap": lambda kube: kube.create(CONFIG_MAP),
+    "create a Service": lambda kube: kube.create(SERVICE),
     "create a Pod": lambda kube: kube.create(POD),
     "read": lambda kube: kube.read("Pod", "default", "p"),
     "delete_pod": lambda kube: kube.delete_pod("default", "p", "uid"),

@@ -144,12 +144,11 @@ def launch(memo: kopf.Memo) -> None:
 def test_first_passes_validate_then_create_the_gang_and_post_each_step(kube: FakeKube) -> None:
     memo = memo_for(kube)
     sync(memo, "create")
-    assert sorted(kube.objects) == [("ConfigMap", "quickstart-trainer-config"), ("Pod", "quickstart-preflight")]
+    assert sorted(kube.objects) == [("Pod", "quickstart-preflight")]
     assert kube.job["status"]["phase"] == "Validating"
     kube.set_pod(-1, "Succeeded", exit_code=0)
     sync(memo)
-    assert sorted(kube.objects) == [("ConfigMap", "quickstart-trainer-config"), ("Pod", "quickstart-preflight"),
-                                    ("Pod", "quickstart-worker-0"), ("Pod", "quickstart-worker-1"),
+    assert sorted(kube.objects) == [("Pod", "quickstart-preflight"), ("Pod", "quickstart-worker-0"), ("Pod", "quickstart-worker-1"),
                                     ("Service", "quickstart-workers")]
     assert kube.job["status"]["phase"] == "Pending" and kube.job["status"]["launched"]["replicas"] == 2
     assert [reason for _, reason, _ in kube.events] == ["Validating", "Created"]
@@ -161,7 +160,7 @@ def test_a_second_pass_after_a_crash_finds_its_own_children_and_goes_on(kube: Fa
     launch(memo)
     kube.job["status"] = {"phase": "Validating"}  # the pass created the gang, then died before writing status
     sync(memo, "resume")
-    assert len(kube.objects) == 5 and kube.job["status"]["phase"] == "Pending"
+    assert len(kube.objects) == 4 and kube.job["status"]["phase"] == "Pending"
 
 
 def test_a_restart_deletes_the_old_gang_and_clears_what_no_longer_holds(kube: FakeKube) -> None:
@@ -240,7 +239,7 @@ def test_a_permission_the_operator_lacks_is_reported_and_waited_for_not_failed(k
 
 def test_an_unwell_api_is_raised_for_the_worker_to_retry_and_counted(kube: FakeKube) -> None:
     memo = memo_for(kube)
-    kube.refuse["ConfigMap"] = (500, "etcdserver: request timed out")
+    kube.refuse["Pod"] = (500, "etcdserver: request timed out")
     with pytest.raises(ApiException):
         sync(memo, "create")
     registry = memo.metrics.registry
@@ -454,15 +453,34 @@ def test_the_pod_index_keeps_what_the_reconciler_and_the_scrape_read_and_no_more
     from kubetune.operator.pods import observe_pod
     from kubetune.operator.progress import metrics_url
 
+    terminated = {"exitCode": 1, "reason": "Error", "message": "boom", "finishedAt": "2026-01-01T12:00:09Z"}
     pod = {"metadata": {"name": "quickstart-worker-0", "uid": "p-1", "labels": {"kubetune.dev/replica-index": "0"},
-                        "ownerReferences": [{"uid": UID, "controller": True}],
+                        "creationTimestamp": "2026-01-01T12:00:00Z", "resourceVersion": "7",
+                        "annotations": {"kubetune.dev/trainer-config": "{" + "x" * 2000 + "}"},
+                        "ownerReferences": [{"uid": UID, "controller": True, "kind": "FineTuneJob", "name": "q"}],
                         "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
            "spec": {"containers": [{"name": "trainer", "image": "x", "env": [{"name": "A", "value": "1"}],
                                     "ports": [{"name": "metrics", "containerPort": 9090}]}],
                     "volumes": [{"name": "config"}], "affinity": {}},
-           "status": {"phase": "Running", "podIP": "10.0.0.7"}}
+           "status": {"phase": "Failed", "podIP": "10.0.0.7", "qosClass": "Burstable",
+                      "conditions": [{"type": "Ready", "status": "True"},
+                                     {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}],
+                      "containerStatuses": [{"name": "trainer", "image": "x", "restartCount": 0,
+                                             "state": {"terminated": terminated}}]}}
     kept = handlers.observed_pod(pod)
-    assert "managedFields" not in kept["metadata"] and set(kept["spec"]) == {"containers"}
+    assert set(kept["metadata"]) == {"name", "uid", "labels", "creationTimestamp", "ownerReferences"}
+    assert set(kept["spec"]) == {"containers"} and set(kept["status"]) == {"phase", "podIP", "conditions",
+                                                                         "containerStatuses"}
+    assert len(json.dumps(kept)) < len(json.dumps(pod)) / 4
     assert kept["spec"]["containers"] == [{"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9090}]}]
     assert metrics_url(kept) == metrics_url(pod) == "http://10.0.0.7:9090/metrics"
     assert observe_pod(kept) == observe_pod(pod)
+
+
+def test_running_jobs_share_a_budget_of_progress_passes() -> None:
+    running = {"phase": "Running"}
+    assert handlers.next_pass(running, ttl=False, running=1) == handlers.PROGRESS_SECONDS
+    assert handlers.next_pass(running, ttl=False, running=500) == 500 / handlers.PROGRESS_PASSES_PER_SECOND
+    assert handlers.next_pass(running, ttl=False, running=5000) == handlers.PROGRESS_SECONDS_CAP
+    assert handlers.next_pass({"phase": "Pending"}, ttl=False, running=5000) == handlers.TICK_SECONDS
+    assert handlers.next_pass({"phase": "Succeeded"}, ttl=False) is None

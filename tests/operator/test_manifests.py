@@ -1,12 +1,12 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
-import yaml
 from crd_tools import EXAMPLES, load_manifest, minimal_spec
 from kubetune.operator.manifests import (
-    build_config_map, build_preflight_pod, build_service, build_worker_pod, build_workers, pod_group_name,
+    build_preflight_pod, build_service, build_worker_pod, build_workers, pod_group_name,
     trainer_command,
 )
 from kubetune.operator.settings import OperatorSettings
@@ -63,11 +63,9 @@ def _every_pod(spec: Any) -> list[dict]:
             build_preflight_pod(JOB, spec, OperatorSettings())]
 
 
-def test_children_are_config_service_and_one_pod_per_replica() -> None:
-    children = [build_config_map(JOB, QUICKSTART, OperatorSettings()), *build_workers(JOB, QUICKSTART, OperatorSettings(), 1),
-                build_preflight_pod(JOB, QUICKSTART, OperatorSettings())]
+def test_children_are_the_service_and_one_pod_per_replica() -> None:
+    children = [*build_workers(JOB, QUICKSTART, OperatorSettings(), 1), build_preflight_pod(JOB, QUICKSTART, OperatorSettings())]
     assert [(child["kind"], child["metadata"]["name"]) for child in children] == [
-        ("ConfigMap", "quickstart-trainer-config"),
         ("Service", "quickstart-workers"),
         ("Pod", "quickstart-worker-0"),
         ("Pod", "quickstart-worker-1"),
@@ -81,11 +79,17 @@ def test_children_are_config_service_and_one_pod_per_replica() -> None:
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune"
 
 
-def test_config_map_holds_the_rendered_trainer_config() -> None:
-    config_map = build_config_map(JOB, QUICKSTART, OperatorSettings(s3_endpoint="http://s3:9000"))
-    config = yaml.safe_load(config_map["data"]["config.yaml"])
+@pytest.mark.parametrize("build", [lambda settings: build_worker_pod(JOB, QUICKSTART, 1, settings),
+                                   lambda settings: build_preflight_pod(JOB, QUICKSTART, settings)])
+def test_every_pod_carries_the_rendered_trainer_config_mounted_from_its_annotation(build: Any) -> None:
+    pod = build(OperatorSettings(s3_endpoint="http://s3:9000"))
+    config = json.loads(pod["metadata"]["annotations"]["kubetune.dev/trainer-config"])
     assert config["job"] == {"namespace": "default", "name": "quickstart", "uid": "u-1"}
     assert config["storage"]["endpoint"] == "http://s3:9000"
+    volume = next(volume for volume in pod["spec"]["volumes"] if volume["name"] == "trainer-config")
+    assert volume["downwardAPI"]["items"] == [
+        {"path": "config.json", "fieldRef": {"fieldPath": "metadata.annotations['kubetune.dev/trainer-config']"}}]
+    assert "/etc/kubetune/config.json" in _container(pod)["command"]
 
 
 def test_headless_service_selects_the_jobs_worker_0_the_master_address() -> None:
@@ -114,7 +118,7 @@ def test_worker_command_is_torchrun_with_node_rank_under_the_log_keeper(
     pod = build_worker_pod(JOB, spec, index, OperatorSettings(), attempt=3)
     container = _container(pod)
     assert container["command"] == [
-        "python", "-m", "kubetune.trainer.logkeeper", "--config", "/etc/kubetune/config.yaml", "--",
+        "python", "-m", "kubetune.trainer.logkeeper", "--config", "/etc/kubetune/config.json", "--",
         "torchrun",
         f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc}",
@@ -124,7 +128,7 @@ def test_worker_command_is_torchrun_with_node_rank_under_the_log_keeper(
         "-m",
         "kubetune.trainer",
         "--config",
-        "/etc/kubetune/config.yaml",
+        "/etc/kubetune/config.json",
     ]
     # The log keeper names the pod's log object by these two.
     env = {variable["name"]: variable for variable in container["env"]}
@@ -145,7 +149,7 @@ def test_worker_pod_identity_dns_and_restart_policy() -> None:
         "kubetune.dev/replica-index": "1",
         "kubetune.dev/attempt": "2",
     }
-    assert "annotations" not in pod["metadata"]
+    assert list(pod["metadata"]["annotations"]) == ["kubetune.dev/trainer-config"]
     assert pod["spec"]["hostname"] == "quickstart-worker-1"
     assert pod["spec"]["subdomain"] == "quickstart-workers"
     assert pod["spec"]["restartPolicy"] == "Never"
@@ -154,7 +158,6 @@ def test_worker_pod_identity_dns_and_restart_policy() -> None:
 def test_worker_pod_mounts_config_workdir_and_shared_memory() -> None:
     pod = build_worker_pod(JOB, QUICKSTART, 0, OperatorSettings())
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
-    assert volumes["trainer-config"]["configMap"]["name"] == "quickstart-trainer-config"
     assert volumes["workdir"] == {"name": "workdir", "emptyDir": {}}
     assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
     mounts = {mount["mountPath"]: mount for mount in _container(pod)["volumeMounts"]}
@@ -265,7 +268,7 @@ def test_a_queued_gang_is_one_kueue_pod_group_per_attempt() -> None:
         for pod in pods:
             assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
             assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == f"quickstart-u-1-{attempt}"
-            assert pod["metadata"]["annotations"] == {
+            assert {key: value for key, value in pod["metadata"]["annotations"].items() if "kueue" in key} == {
                 "kueue.x-k8s.io/pod-group-total-count": "2",
                 "kueue.x-k8s.io/retriable-in-group": "false",
             }
@@ -274,7 +277,7 @@ def test_a_queued_gang_is_one_kueue_pod_group_per_attempt() -> None:
 def test_no_kueue_metadata_without_a_queue() -> None:
     for pod in _every_pod(QUICKSTART):
         assert not any(key.startswith("kueue.x-k8s.io/") for key in pod["metadata"]["labels"])
-        assert "annotations" not in pod["metadata"]
+        assert list(pod["metadata"]["annotations"]) == ["kubetune.dev/trainer-config"]
         assert "schedulerName" not in pod["spec"]
 
 

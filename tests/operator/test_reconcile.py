@@ -108,7 +108,7 @@ def running(**spec: Any) -> dict:
 # -- validating -----------------------------------------------------------------------------------
 def test_first_pass_runs_the_preflight_before_any_worker() -> None:
     outcome = reconcile(job(), [], SETTINGS, T0)
-    assert creates(outcome) == [("ConfigMap", "quickstart-trainer-config"), ("Pod", "quickstart-preflight")]
+    assert creates(outcome) == [("Pod", "quickstart-preflight")]
     assert outcome.status["phase"] == "Validating" and "launched" not in outcome.status
     assert events(outcome) == [("Normal", "Validating")]
     assert conditions(outcome.status) == {"Ready": "False/Validating", "Reconciling": "True/Validating"}
@@ -117,14 +117,30 @@ def test_first_pass_runs_the_preflight_before_any_worker() -> None:
 def test_a_passed_preflight_creates_the_gang_and_records_the_launch() -> None:
     _, status = step({}, [])
     outcome, status = step(status, [preflight("Succeeded", exit_code=0)])
-    assert creates(outcome) == [("ConfigMap", "quickstart-trainer-config"), ("Service", "quickstart-workers"),
-                                ("Pod", "quickstart-worker-0"), ("Pod", "quickstart-worker-1")]
+    assert creates(outcome) == [("Service", "quickstart-workers"), ("Pod", "quickstart-worker-0"),
+                                ("Pod", "quickstart-worker-1")]
     workers = [a.child for a in outcome.actions if isinstance(a, Create) and a.child["kind"] == "Pod"]
     assert {w["metadata"]["labels"]["kubetune.dev/attempt"] for w in workers} == {"1"}
     assert events(outcome) == [("Normal", "Created")]
     record = status["launched"]
     assert (record["replicas"], record["attempt"], record["adapterUri"]) == (2, 1, ADAPTER)
     assert len(record["configHash"]) == 64 and record["createdTime"] == "2026-01-01T12:00:00Z"
+
+
+def test_a_gang_writes_its_status_at_its_transitions_not_for_each_pod() -> None:
+    """At a thousand jobs every status write counts: a gang starting, and finishing, one pod
+    after another changes nothing a user reads until the phase changes."""
+    status = launched()
+    assert status["workers"] == {"active": 2, "succeeded": 0, "failed": 0}
+    for pods in ([], [pod(0, "Pending")], [pod(0, "Pending"), pod(1, "Pending")], [pod(0, "Running"), pod(1, "Pending")]):
+        outcome, _ = step(status, pods)
+        assert outcome.status is None, pods
+    outcome, status = step(status, [pod(0, "Running"), pod(1, "Running")])
+    assert status["phase"] == "Running" and outcome.status is not None
+    outcome, _ = step(status, [pod(0, "Running"), pod(1, "Succeeded", exit_code=0)])
+    assert outcome.status is None
+    _, status = step(status, [pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0)])
+    assert status["phase"] == "Succeeded" and status["workers"] == {"active": 0, "succeeded": 2, "failed": 0}
 
 
 def test_a_failed_preflight_fails_the_job_with_its_lines_and_no_worker_is_created() -> None:
@@ -207,7 +223,7 @@ def test_unchanged_conditions_keep_their_transition_time() -> None:
 def test_an_earlier_jobs_pods_of_the_same_names_are_not_this_jobs() -> None:
     old = [pod(0, "Running", uid="old"), pod(1, "Running", uid="old")]
     outcome, status = step(launched(), old)
-    assert status["phase"] == "Pending" and status["workers"]["active"] == 0
+    assert status["phase"] == "Pending"
     assert deletes(outcome) == []  # not ours to delete either
     assert [name for kind, name in creates(outcome) if kind == "Pod"] == ["quickstart-worker-0", "quickstart-worker-1"]
 
@@ -380,7 +396,7 @@ def test_a_worker_that_cannot_be_scheduled_fails_the_job_after_the_startup_timeo
     pods = [pod(0, "Running"), pod(1, "Pending", conditions=unschedulable)]
     _, status = step(launched(), pods, now=T0 + timedelta(seconds=30))
     assert status["phase"] == "Pending"
-    assert status["message"] == ("waiting for 1 of 2 workers to run (attempt 1); quickstart-worker-1 cannot start: "
+    assert status["message"] == ("waiting for all 2 workers to run (attempt 1); quickstart-worker-1 cannot start: "
                                  "Unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu.")
     outcome, status = step(status, pods, now=T0 + timedelta(seconds=600))
     assert status["phase"] == "Failed" and conditions(status)["Failed"] == "True/Unschedulable"
@@ -464,7 +480,7 @@ def test_a_refused_child_fails_the_job_with_the_api_message() -> None:
     outcome = creation_failed(job(), child, 'admission webhook "quota" denied the request', T0)
     assert outcome.status["phase"] == "Failed"
     assert outcome.status["message"] == (
-        'the API server refused ConfigMap quickstart-trainer-config: admission webhook "quota" denied the request')
+        'the API server refused Pod quickstart-preflight: admission webhook "quota" denied the request')
     assert events(outcome) == [("Warning", "ChildRefused")]
 
 

@@ -4,21 +4,29 @@ document the trainer's own parser takes back unchanged."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-import yaml
 from crd_tools import EXAMPLES, load_manifest, minimal_spec
 
 from kubetune.api import JobRef, parse_config, parse_spec
-from kubetune.operator.manifests import build_config_map, trainer_config
+from kubetune.api.spec import FineTuneJobSpec
+from kubetune.api.trainer_config import CONFIG_ANNOTATION
+from kubetune.operator.manifests import build_worker_pod, trainer_config
 from kubetune.operator.settings import OperatorSettings
 
 QUICKSTART = JobRef(name="quickstart", namespace="default", uid="u-1")
 
 
+def _carried(spec: FineTuneJobSpec, settings: OperatorSettings) -> str:
+    """The config as a worker pod carries it (its annotation, the file its trainer reads)."""
+    return build_worker_pod(QUICKSTART, spec, 0, settings)["metadata"]["annotations"][CONFIG_ANNOTATION]
+
+
 def test_quickstart_renders_the_whole_resolved_config() -> None:
     spec = parse_spec(load_manifest(EXAMPLES / "quickstart.yaml")["spec"])
     settings = OperatorSettings(s3_endpoint="http://s3.kubetune-system.svc.cluster.local:9000")
-    rendered = yaml.safe_load(build_config_map(QUICKSTART, spec, settings)["data"]["config.yaml"])
+    rendered = json.loads(_carried(spec, settings))
     assert rendered == {
         "schemaVersion": 1,
         "job": {"namespace": "default", "name": "quickstart", "uid": "u-1"},
@@ -54,8 +62,8 @@ def test_the_checksum_setting_reaches_the_trainer() -> None:
     default = trainer_config(QUICKSTART, parse_spec(minimal_spec()), OperatorSettings()).storage
     assert default.checksums == "when_required"  # what every S3-compatible store takes
     spec = parse_spec(minimal_spec(storage={"checksums": "when_supported"}))
-    text = build_config_map(QUICKSTART, spec, OperatorSettings())["data"]["config.yaml"]
-    assert parse_config(yaml.safe_load(text)).storage.checksums == "when_supported"
+    text = _carried(spec, OperatorSettings())
+    assert parse_config(json.loads(text)).storage.checksums == "when_supported"
 
 
 def test_no_endpoint_anywhere_means_aws() -> None:
@@ -64,7 +72,7 @@ def test_no_endpoint_anywhere_means_aws() -> None:
 
 def test_credentials_never_reach_the_config() -> None:
     spec = parse_spec(minimal_spec(storage={"credentialsSecret": "s3-credentials"}))
-    text = build_config_map(QUICKSTART, spec, OperatorSettings())["data"]["config.yaml"]
+    text = _carried(spec, OperatorSettings())
     assert "AWS_" not in text  # only the Secret's name: its values go from the Secret to the pods
 
 
@@ -97,5 +105,5 @@ def test_rendered_config_comes_back_unchanged_from_the_trainers_parser(overrides
     # The config is the only input of a worker: the trainer's parser (unknown keys are an error
     # there) must take whatever the operator renders, and read the same values.
     spec = parse_spec(minimal_spec(**overrides))
-    rendered = yaml.safe_load(build_config_map(QUICKSTART, spec, OperatorSettings())["data"]["config.yaml"])
+    rendered = json.loads(_carried(spec, OperatorSettings()))
     assert parse_config(rendered).to_document() == rendered

@@ -2,7 +2,7 @@
 
 - ``spec`` / ``status``: FineTuneJob, with defaults, bounds, descriptions and cross-field rules;
   the CRD in ``crds/`` is generated from them (``crd``, ``make crds``);
-- ``trainer_config``: the job as the trainer sees it (the ConfigMap the operator renders);
+- ``trainer_config``: the job as the trainer sees it (what the operator renders into every pod);
 - ``termination``: how a worker reports how it ended; ``metrics``: the series rank 0 serves;
 - ``resource``: the group, version and names, and the rules on a job's name.
 - ``labels``: the labels on the pods the operator creates, which tools and monitors select on;

@@ -111,11 +111,14 @@ class Launched(ApiModel):
     gpus_per_worker: int | None = None
     """GPUs each worker holds."""
     config_hash: str | None = None
-    """sha256 of the trainer config rendered into the job's ConfigMap."""
+    """sha256 of the trainer config rendered into the workers' kubetune.dev/trainer-config annotation."""
     attempt: int | None = None
     """Which start of the job's gang this is (1 = the first); each restart or resume adds one."""
     adapter_uri: str | None = None
     """Where the adapter is published."""
+    storage_endpoint: str | None = None
+    """The S3 endpoint the workers were given: spec.storage.endpoint, else the operator's default
+    (none: AWS)."""
     logs_uri: str | None = None
     """S3 folder where this attempt's workers keep their whole logs, one <pod>.log each
     (kubetune.api.logs); they stay after the pods are gone."""

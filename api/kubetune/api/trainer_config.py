@@ -1,7 +1,9 @@
 """The trainer config: the job as the trainer sees it, the only input of a worker.
 
-The operator renders a FineTuneJob into the ConfigMap ``<job>-trainer-config`` (key
-``config.yaml``), mounted in every worker at ``/etc/kubetune/config.yaml``. Its sections are
+The operator renders a FineTuneJob into JSON (a YAML subset) in the annotation
+``kubetune.dev/trainer-config`` of each of the job's pods, which a downward API volume mounts at
+``/etc/kubetune/config.json`` (as Argo Workflows hands a pod its template): the config travels
+with the pod, with no object of its own to write and keep. Its sections are
 the spec's own types (``spec.py``), resolved: every default filled in, the S3 endpoint chosen,
 nothing left out, so the file says exactly how the adapter was made (it is saved beside it).
 S3 credentials are never in it: they reach the trainer as the environment variables
@@ -24,6 +26,7 @@ Example (the quickstart, shortened)::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +50,9 @@ from kubetune.api.spec import (
 SCHEMA_VERSION = 1
 """The ``schemaVersion`` operator and trainer of this release speak; renaming, removing or
 changing the meaning of a field needs a new one."""
-CONFIG_KEY = "config.yaml"
+CONFIG_KEY = "config.json"
 CONFIG_DIR = "/etc/kubetune"
+CONFIG_ANNOTATION = "kubetune.dev/trainer-config"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 
 
@@ -71,7 +75,7 @@ class Metrics(ApiModel):
 
 
 class TrainerConfig(ApiModel):
-    """The whole file /etc/kubetune/config.yaml."""
+    """The whole file /etc/kubetune/config.json (JSON or YAML: a file given to --config by hand may be either)."""
 
     rules = (QUALITY_GATE_NEEDS_EVALUATION_DATA,)
 
@@ -124,8 +128,10 @@ class TrainerConfig(ApiModel):
         return self.model_dump(mode="json", by_alias=True)
 
     def render(self) -> str:
-        """YAML text for the ConfigMap, keys in schema order so that diffs read naturally."""
-        return yaml.safe_dump(self.to_document(), sort_keys=False)
+        """The pods' annotation: compact JSON, keys in schema order so that diffs read naturally
+        (JSON, not YAML: the operator renders it for every pod it creates, and PyYAML's
+        emitter takes a hundred times as long)."""
+        return json.dumps(self.to_document(), separators=(",", ":"))
 
 
 def parse_config(data: Any, *, source: str = "config") -> TrainerConfig:
@@ -150,7 +156,10 @@ def load_config(path: str | Path) -> TrainerConfig:
             f"(in a pod: {CONFIG_PATH})"
         ) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise InvalidObjectError(f"{path}: not valid YAML: {error}") from None
+        data = json.loads(text)  # what the operator renders; PyYAML reads JSON's 1e-05 as a string
+    except ValueError:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise InvalidObjectError(f"{path}: neither JSON nor valid YAML: {error}") from None
     return parse_config(data, source=str(path))

@@ -62,8 +62,12 @@ from kubetune.operator.workqueue import WorkQueue
 
 TICK_SECONDS = 5.0
 # Running jobs tick faster: their progress is what `kubectl get ftj -w` shows, and a step of a
-# small job takes well under a second.
-PROGRESS_SECONDS = 2.0
+# small job takes well under a second. Each such pass scrapes rank 0 and, when the step moved,
+# writes the status: with many jobs running, the passes are spread so that all of them together
+# make at most PROGRESS_PASSES_PER_SECOND (at a thousand running jobs, every 30 s each, not
+# 500 scrapes and status writes a second). A stall is still caught: every pass scrapes first.
+PROGRESS_SECONDS, PROGRESS_SECONDS_CAP = 2.0, 30.0
+PROGRESS_PASSES_PER_SECOND = 25.0
 # A scrape runs in the operator's event loop: a hung pod must not hold it for long.
 SCRAPE_TIMEOUT_SECONDS = 2.0
 WAIT_RETRY_SECONDS = 2.0
@@ -217,15 +221,27 @@ def pods_by_job(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dic
     return {labels[JOB_UID_LABEL]: observed_pod(body)}
 
 
+POD_METADATA = ("name", "namespace", "uid", "labels", "creationTimestamp", "deletionTimestamp")
+POD_STATUS = ("phase", "reason", "message", "podIP")
+
+
 def observed_pod(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the reconciler and the scrape read of a pod, as a snapshot (kopf's body is a live
-    view of whatever the watch delivers next): its metadata but the managed fields, its status,
-    and of its spec the containers' names and ports. At thousands of pods the rest (env,
-    volumes, placement, managed fields) was most of the operator's memory."""
-    spec = body.get("spec") or {}
-    meta = {key: _plain(value) for key, value in (body.get("metadata") or {}).items() if key != "managedFields"}
-    containers = [{"name": c.get("name"), "ports": _plain(c.get("ports") or [])} for c in spec.get("containers") or []]
-    return {"metadata": meta, "spec": {"containers": containers}, "status": _plain(body.get("status") or {})}
+    """What the reconciler (``observe_pod``) and the scrape read of a pod, as a snapshot (kopf's
+    body is a live view of whatever the watch delivers next): of its metadata the identity,
+    labels, times and controller; of its status the phase, IP, why it ended or waits (the
+    trainer container's state, an Unschedulable condition); of its spec the containers' ports.
+    At thousands of pods the rest (the trainer config annotation, env, volumes, managed
+    fields, the other conditions) was most of the operator's memory."""
+    meta, status, spec = body.get("metadata") or {}, body.get("status") or {}, body.get("spec") or {}
+    kept_meta = {key: _plain(meta[key]) for key in POD_METADATA if meta.get(key) is not None}
+    kept_meta["ownerReferences"] = [{"uid": ref.get("uid"), "controller": True}
+                                    for ref in meta.get("ownerReferences") or [] if ref.get("controller")]
+    kept_status = {key: status[key] for key in POD_STATUS if status.get(key) is not None}
+    kept_status["containerStatuses"] = [{"name": c.get("name"), "state": _plain(c.get("state") or {})}
+                                        for c in status.get("containerStatuses") or []]
+    kept_status["conditions"] = [_plain(c) for c in status.get("conditions") or [] if c.get("status") == "False"]
+    ports = [{"name": c.get("name"), "ports": _plain(c.get("ports") or [])} for c in spec.get("containers") or []]
+    return {"metadata": kept_meta, "spec": {"containers": ports}, "status": kept_status}
 
 
 def _plain(value: Any) -> Any:
@@ -325,15 +341,27 @@ def _without_managed_fields(body: Mapping[str, Any]) -> dict[str, Any]:
     return job
 
 
-def next_pass(status: Mapping[str, Any], ttl: bool) -> float | None:
+def next_pass(status: Mapping[str, Any], ttl: bool, running: int = 0) -> float | None:
     """Seconds until a job is due again by time alone: unfinished jobs tick, running ones
-    faster (their progress); a finished one only while its TTL runs."""
+    faster (their progress; ``running`` jobs in all share PROGRESS_PASSES_PER_SECOND); a
+    finished one only while its TTL runs."""
     phase = status.get("phase")
     if phase in SCRAPED_PHASES:
-        return PROGRESS_SECONDS
+        return min(PROGRESS_SECONDS_CAP, max(PROGRESS_SECONDS, running / PROGRESS_PASSES_PER_SECOND))
     if phase not in FINAL_PHASES or ttl:
         return TICK_SECONDS
     return None
+
+
+def _running_jobs(memo: kopf.Memo) -> int:
+    """How many jobs are Running or Publishing, as the watch last said; counted at most once a
+    second (every pass asks)."""
+    now = time.monotonic()
+    counted_at, running = memo.get("running_jobs", (-1.0, 0))
+    if now - counted_at >= 1.0:
+        running = sum(seen.phase in SCRAPED_PHASES for seen in memo.jobs.values())
+        memo.running_jobs = (now, running)
+    return running
 
 
 async def _work(memo: kopf.Memo) -> None:
@@ -366,7 +394,7 @@ async def _work(memo: kopf.Memo) -> None:
             continue  # gone, or re-created under a new UID: its own events queue it
         if synced.blocked:
             memo.queue.add(key, reason, after=WAIT_RETRY_SECONDS)
-        after = next_pass(synced.status, seen.ttl)
+        after = next_pass(synced.status, seen.ttl, _running_jobs(memo))
         if synced.moved and after is not None:
             after = POD_EVENT_BATCH_SECONDS
         if after is not None:
@@ -511,8 +539,9 @@ async def _carry_out(job: Job, outcome: Outcome, memo: kopf.Memo, logger: kopf.L
 
 
 def _batch(action: Any) -> str:
-    """Actions that may go out together: the ConfigMap and Service; the pods (which mount the
-    ConfigMap, so after it); deletions. Anything else alone, in order."""
+    """Actions that may go out together: the pods (after the Service: a rank that looked up worker
+    0's name before it existed could be held up by a cached NXDOMAIN); deletions. Anything else
+    alone, in order."""
     if isinstance(action, Create):
         return "create pods" if action.child["kind"] == "Pod" else "create others"
     return "delete" if isinstance(action, Delete) else f"one {id(action)}"

@@ -131,10 +131,9 @@ class Kube:
         self.custom = client.CustomObjectsApi(self.api_client)
 
     def create(self, obj: dict[str, Any], dry_run: bool = False) -> None:
-        """Create a ConfigMap, Service or Pod; ApiException as the API answered (409: the name is taken).
+        """Create a Service or Pod; ApiException as the API answered (409: the name is taken).
         ``dry_run``: the API server checks it all and stores nothing."""
         create = {
-            "ConfigMap": client.CoreV1Api.create_namespaced_config_map,
             "Service": client.CoreV1Api.create_namespaced_service,
             "Pod": client.CoreV1Api.create_namespaced_pod,
         }[obj["kind"]]
@@ -147,9 +146,8 @@ class Kube:
                             dry_run="All" if dry_run else None)
 
     def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """A ConfigMap, Service or Pod as the API returns it; None when there is none."""
+        """A Service or Pod as the API returns it; None when there is none."""
         read = {
-            "ConfigMap": self.core.read_namespaced_config_map,
             "Service": self.core.read_namespaced_service,
             "Pod": self.core.read_namespaced_pod,
         }[kind]

@@ -1,4 +1,5 @@
-"""Pure builders: FineTuneJob -> ConfigMap, headless Service and worker Pods (plain dicts).
+"""Pure builders: FineTuneJob -> headless Service and Pods (plain dicts), each pod carrying the
+trainer config in an annotation that a downward API volume mounts (``kubetune.api.trainer_config``).
 
 Every child carries a controller ownerReference to the job (so Kubernetes garbage-collects it
 with the job) and the job's UID as a label (the Job controller's ``controller-uid``): a job
@@ -18,7 +19,7 @@ from kubetune.api.labels import (
 from kubetune.api.logs import ATTEMPT_ENV, POD_NAME_ENV
 from kubetune.api.resource import API_VERSION, KIND
 from kubetune.api.spec import CREDENTIAL_ENV, DEFAULT_TRAINER_IMAGE, GPU_RESOURCE, FineTuneJobSpec
-from kubetune.api.trainer_config import CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, JobRef, TrainerConfig
+from kubetune.api.trainer_config import CONFIG_ANNOTATION, CONFIG_DIR, CONFIG_KEY, CONFIG_PATH, JobRef, TrainerConfig
 from kubetune.operator.settings import OperatorSettings
 
 RENDEZVOUS_PORT = 29500
@@ -30,10 +31,6 @@ KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_POD_GROUP_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
 KUEUE_RETRIABLE_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
 SHM_VOLUME = "dshm"
-
-
-def config_map_name(job_name: str) -> str:
-    return f"{job_name}-trainer-config"
 
 
 def service_name(job_name: str) -> str:
@@ -108,15 +105,6 @@ def trainer_config(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSetting
     job that names none."""
     return TrainerConfig.for_job(job, spec, s3_endpoint=settings.s3_endpoint,
                                  metrics_port=settings.trainer_metrics_port)
-
-
-def build_config_map(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(job, config_map_name(job.name), "trainer-config"),
-        "data": {CONFIG_KEY: trainer_config(job, spec, settings).render()},
-    }
 
 
 def build_service(job: JobRef) -> dict[str, Any]:
@@ -296,23 +284,24 @@ def _pod_spec(spec: FineTuneJobSpec) -> dict[str, Any]:
     return pod_spec
 
 
-def _pod(job: JobRef, spec: FineTuneJobSpec, name: str, component: str, labels: dict[str, str],
-         container: dict[str, Any], *, annotations: dict[str, str] | None = None,
+def _pod(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, name: str, component: str,
+         labels: dict[str, str], container: dict[str, Any], *, annotations: dict[str, str] | None = None,
          volumes: tuple[dict[str, Any], ...] = (), **pod_spec: Any) -> dict[str, Any]:
+    """A pod of the job, with the trainer config in its annotation, mounted at CONFIG_PATH."""
+    config = {CONFIG_ANNOTATION: trainer_config(job, spec, settings).render()}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _metadata(job, name, component, annotations, **labels),
+        "metadata": _metadata(job, name, component, {**(annotations or {}), **config}, **labels),
         "spec": {
             **_pod_spec(spec),
             "containers": [container],
             "volumes": [
                 {
                     "name": "trainer-config",
-                    "configMap": {
-                        "name": config_map_name(job.name),
-                        "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}],
-                    },
+                    "downwardAPI": {"items": [
+                        {"path": CONFIG_KEY, "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}},
+                    ]},
                 },
                 {"name": "workdir", "emptyDir": {}},
                 *volumes,
@@ -361,7 +350,7 @@ def build_worker_pod(job: JobRef, spec: FineTuneJobSpec, index: int, settings: O
     extra: dict[str, Any] = {}
     if spec.scheduling.scheduler_name:
         extra["schedulerName"] = spec.scheduling.scheduler_name
-    return _pod(job, spec, name, WORKER, labels, container, annotations=annotations, volumes=volumes,
+    return _pod(job, spec, settings, name, WORKER, labels, container, annotations=annotations, volumes=volumes,
                 hostname=name, subdomain=service_name(job.name), terminationGracePeriodSeconds=WORKER_GRACE_SECONDS,
                 **extra)
 
@@ -377,7 +366,7 @@ def build_preflight_pod(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSe
     # scheduler: spec.scheduling.schedulerName is for the gang (Volcano, coscheduling), which
     # would hold this one CPU pod to its gang and queue rules, or wait for a pod group it is not
     # in, when the point of the preflight is a quick answer before any GPU is held.
-    return _pod(job, spec, preflight_pod_name(job.name), PREFLIGHT, {}, container)
+    return _pod(job, spec, settings, preflight_pod_name(job.name), PREFLIGHT, {}, container)
 
 
 def build_workers(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, attempt: int) -> list[dict[str, Any]]:

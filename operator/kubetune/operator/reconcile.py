@@ -40,8 +40,7 @@ from kubetune.api.spec import FineTuneJobSpec, RunPolicy
 from kubetune.api.status import Phase
 from kubetune.api.labels import PREFLIGHT
 from kubetune.operator.manifests import (
-    build_config_map, build_preflight_pod, build_worker_pod, build_workers, owned_by, pod_name,
-    trainer_config,
+    build_preflight_pod, build_worker_pod, build_workers, owned_by, pod_name, trainer_config,
 )
 from kubetune.operator.pods import FailureReport, PodObservation, describe_failure, observe_pod
 from kubetune.operator.progress import finished_progress
@@ -139,10 +138,6 @@ class Outcome:
     worker that holds the gang up."""
 
 
-def config_hash(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings) -> str:
-    return hashlib.sha256(trainer_config(job, spec, settings).render().encode()).hexdigest()
-
-
 def ours(job: JobRef, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The job's own live pods: controlled by its UID, not terminating."""
     return [
@@ -209,12 +204,9 @@ class _Pass:
         if pod is None or pod.terminating:
             if pod is not None:
                 return self._status("Validating", f"waiting for the old preflight pod {pod.name} to be gone")
-            spec = self._spec
-            children = (build_config_map(self.job.ref, spec, self.settings),
-                        build_preflight_pod(self.job.ref, spec, self.settings))
-            name = children[1]["metadata"]["name"]
-            return self._status("Validating", f"checking the job's inputs in pod {name}",
-                                actions=tuple(Create(child) for child in children))
+            child = build_preflight_pod(self.job.ref, self._spec, self.settings)
+            name = child["metadata"]["name"]
+            return self._status("Validating", f"checking the job's inputs in pod {name}", actions=(Create(child),))
         if pod.phase == "Succeeded":
             return self.launch(1)
         if pod.phase == "Failed":
@@ -229,23 +221,26 @@ class _Pass:
         return self._status("Validating", f"checking the job's inputs in pod {pod.name}")
 
     def launch(self, attempt: int) -> Outcome:
-        """Create the gang of attempt ``attempt`` (and the config and Service, idempotently)."""
+        """Create the gang of attempt ``attempt`` (and the Service, idempotently)."""
         spec = self._spec
+        config = trainer_config(self.job.ref, spec, self.settings)
         launched = {
             "replicas": spec.workers.replicas,
             "gpusPerWorker": spec.workers.gpus_per_worker,
-            "configHash": config_hash(self.job.ref, spec, self.settings),
+            "configHash": hashlib.sha256(config.render().encode()).hexdigest(),
             "attempt": attempt,
             "adapterUri": spec.output.adapter_uri,
             "logsUri": attempt_logs_uri(spec.output, attempt),
             "createdTime": format_time(self.now),
         }
-        children = [build_config_map(self.job.ref, spec, self.settings),
-                    *build_workers(self.job.ref, spec, self.settings, attempt)]
-        message = f"created {spec.workers.replicas} worker pods (attempt {attempt}); waiting for all of them to run"
-        counts = {"active": 0, "succeeded": 0, "failed": 0}
-        return self._status("Pending", message, actions=tuple(Create(child) for child in children),
-                            event=("Normal", "Created", message), launched=launched, workers=counts)
+        if config.storage.endpoint:
+            launched["storageEndpoint"] = config.storage.endpoint
+        children = build_workers(self.job.ref, spec, self.settings, attempt)
+        created = f"created {spec.workers.replicas} worker pods (attempt {attempt})"
+        counts = {"active": spec.workers.replicas, "succeeded": 0, "failed": 0}
+        return self._status("Pending", _waiting_for_gang(spec.workers.replicas, attempt),
+                            actions=tuple(Create(child) for child in children), event=("Normal", "Created", created),
+                            launched=launched, workers=counts)
 
     def watch_attempt(self) -> Outcome:
         """The gang of the current attempt exists: follow it to its end."""
@@ -272,11 +267,10 @@ class _Pass:
         if stuck and (seconds_since(self.launched.get("createdTime"), self.now) or 0) >= \
                 self.policy.startup_timeout_seconds:
             return self.fail(stuck.stuck_reason or "StartupTimeout", self._stuck_message(stuck), actions=actions)
-        waiting = self.replicas - sum(pod.phase in ("Running", "Succeeded") for pod in pods)
-        message = f"waiting for {waiting} of {self.replicas} workers to run (attempt {self.attempt})"
+        message = _waiting_for_gang(self.replicas, self.attempt)
         if stuck:
             message += f"; {stuck.name} cannot start: {stuck.stuck}"
-        return self._status("Pending", message, actions=actions, workers=counts)
+        return self._status("Pending", message, actions=actions)
 
     def running(self, counts: dict[str, int], actions: tuple[Action, ...]) -> Outcome:
         launched = self.launched
@@ -294,8 +288,11 @@ class _Pass:
         phase: Phase = "Publishing" if done else "Running"
         message = (f"training done; evaluating and publishing the adapter to {launched['adapterUri']}" if done
                    else f"all {self.replicas} workers running (attempt {self.attempt})")
-        return self._status(phase, message, actions=actions, launched=launched, workers=counts,
-                            startTime=self.previous.get("startTime") or format_time(self.now))
+        # The counts at the transition only: workers that end one by one (a gang finishing) are
+        # one status write each for a state that holds a moment; the phase after says how it ended.
+        fields = {"workers": counts} if phase != self.previous.get("phase") else {}
+        return self._status(phase, message, actions=actions, launched=launched,
+                            startTime=self.previous.get("startTime") or format_time(self.now), **fields)
 
     def succeed(self, counts: dict[str, int]) -> Outcome:
         adapter_uri = str(self.launched["adapterUri"])
@@ -521,6 +518,13 @@ class _Pass:
         cost.update(attempts=attempts, workerSeconds=sum(a["workerSeconds"] for a in attempts),
                     gpuSeconds=sum(a["gpuSeconds"] for a in attempts))
         return cost
+
+
+def _waiting_for_gang(replicas: int, attempt: int) -> str:
+    """While a gang starts. Not how many of it run yet: each pod that starts would be a status
+    write (at a thousand jobs, thousands), for what `kubectl get pods` shows anyway; a pod that
+    cannot start is named."""
+    return f"waiting for all {replicas} workers to run (attempt {attempt})"
 
 
 def _cleanup(policy: RunPolicy, pods: Sequence[PodObservation]) -> tuple[Action, ...]:

@@ -1,4 +1,4 @@
-"""Pod entrypoint: ``python -m kubetune.trainer --config /etc/kubetune/config.yaml``.
+"""Pod entrypoint: ``python -m kubetune.trainer --config /etc/kubetune/config.json``.
 
 With ``--preflight`` it only checks the job's inputs and outputs on CPU (preflight.py), one
 ``ok|FAIL <check>: <detail>`` line each on stdout; exit 0 only if every check passed.
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, recipe: type | None = None) -> int:
         description="Fine-tune a LoRA adapter as one worker of a kubetune FineTuneJob (run under torchrun).",
     )
     parser.add_argument(
-        "--config", required=True, metavar="PATH", help="trainer config YAML (in a pod: /etc/kubetune/config.yaml)"
+        "--config", required=True, metavar="PATH", help="trainer config, JSON or YAML (in a pod: /etc/kubetune/config.json)"
     )
     parser.add_argument(
         "--preflight", action="store_true",

@@ -1,6 +1,6 @@
 """A worker pod's entrypoint around torchrun: keeps the pod's whole log in S3.
 
-    python -m kubetune.trainer.logkeeper --config /etc/kubetune/config.yaml -- torchrun ...
+    python -m kubetune.trainer.logkeeper --config /etc/kubetune/config.json -- torchrun ...
 
 The command's stdout and stderr pass through unchanged (``kubectl logs`` and the termination
 message's log fallback see what they saw before) and are copied to a file that is uploaded to

@@ -4,13 +4,13 @@ Every worker pod of a FineTuneJob runs this. Launch commands (the operator rende
 
   one node, P processes (P GPUs, or P CPU processes for tests)::
 
-      torchrun --nnodes=1 --nproc-per-node=P -m kubetune.trainer --config /etc/kubetune/config.yaml
+      torchrun --nnodes=1 --nproc-per-node=P -m kubetune.trainer --config /etc/kubetune/config.json
 
   N nodes (pod K of N; pod 0 hosts the rendezvous)::
 
       torchrun --nnodes=N --nproc-per-node=P --node-rank=K \\
           --master-addr=<job>-worker-0.<job>-workers --master-port=29500 \\
-          -m kubetune.trainer --config /etc/kubetune/config.yaml
+          -m kubetune.trainer --config /etc/kubetune/config.json
 
 The recipe (``LoRAFineTuneRecipe``, one method per stage, in this order):
 

@@ -2,9 +2,8 @@
 it kept, read with boto3 (the ``cli`` extra: ``pip install 'kubetune[cli]'``).
 
 Which endpoint: ``--s3-endpoint``, else boto's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
-else the job's ``spec.storage.endpoint``, else the endpoint the operator resolved for the job
-(``storage.endpoint`` of its ConfigMap ``<job>-trainer-config``: the platform default a job
-without one used), else AWS.
+else the job's ``spec.storage.endpoint``, else the endpoint the operator gave its workers
+(``status.launched.storageEndpoint``: the platform default a job without one used), else AWS.
 
 Which credentials: boto's usual chain (environment, profile, instance role), or with
 ``--credentials-secret NAME`` the keys ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` of that
@@ -22,12 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from kubetune.cli.jobs.common import CommandError, Kubectl, job_namespace
 
-CONFIG_MAP_SUFFIX = "-trainer-config"
-CONFIG_KEY = "config.yaml"
 
 
 def add_s3_flags(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +123,7 @@ def store_for(job: dict[str, Any], kubectl: Kubectl, args: argparse.Namespace) -
         raise CommandError(f"needs {error.name!r} for S3; install the CLI extra: pip install 'kubetune[cli]'") from None
     spec = job.get("spec") or {}
     storage = spec.get("storage") or {}
-    endpoint, source = endpoint_for(job, kubectl, args)
+    endpoint, source = endpoint_for(job, args)
     secret = getattr(args, "credentials_secret", None)
     keys: dict[str, str] = {}
     if secret:
@@ -147,7 +143,7 @@ def store_for(job: dict[str, Any], kubectl: Kubectl, args: argparse.Namespace) -
     return Store(client, endpoint, hint, source)
 
 
-def endpoint_for(job: dict[str, Any], kubectl: Kubectl, args: argparse.Namespace) -> tuple[str | None, str]:
+def endpoint_for(job: dict[str, Any], args: argparse.Namespace) -> tuple[str | None, str]:
     """(endpoint, where it came from), in the order the module describes."""
     if getattr(args, "s3_endpoint", None):
         return args.s3_endpoint, "--s3-endpoint"
@@ -157,23 +153,10 @@ def endpoint_for(job: dict[str, Any], kubectl: Kubectl, args: argparse.Namespace
     storage = (job.get("spec") or {}).get("storage") or {}
     if storage.get("endpoint"):
         return storage["endpoint"], "the job's spec.storage.endpoint"
-    resolved = _resolved_endpoint(job, kubectl)
+    resolved = ((job.get("status") or {}).get("launched") or {}).get("storageEndpoint")
     if resolved:
-        return resolved, f"the operator's default, from ConfigMap {job['metadata']['name']}{CONFIG_MAP_SUFFIX}"
+        return resolved, "the operator's default, from the job's status.launched.storageEndpoint"
     return None, ""
-
-
-def _resolved_endpoint(job: dict[str, Any], kubectl: Kubectl) -> str | None:
-    """storage.endpoint of the trainer config the operator rendered for the job, if readable."""
-    name = job["metadata"]["name"] + CONFIG_MAP_SUFFIX
-    result = kubectl.run("get", "configmap", name, "-n", job_namespace(job), "-o", "json", check=False)
-    if result.returncode != 0:
-        return None
-    try:
-        config = yaml.safe_load(json.loads(result.stdout)["data"][CONFIG_KEY])
-        return (config.get("storage") or {}).get("endpoint")
-    except (ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
-        return None
 
 
 def read_credentials_secret(kubectl: Kubectl, secret: str, namespace: str) -> dict[str, str]:
