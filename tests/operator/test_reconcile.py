@@ -222,14 +222,17 @@ def test_unchanged_conditions_keep_their_transition_time() -> None:
 
 def test_an_earlier_jobs_pods_of_the_same_names_are_not_this_jobs() -> None:
     old = [pod(0, "Running", uid="old"), pod(1, "Running", uid="old")]
-    outcome, status = step(launched(), old)
+    outcome, status = step(launched(), old, now=T0 + timedelta(seconds=20))
     assert status["phase"] == "Pending"
     assert deletes(outcome) == []  # not ours to delete either
     assert [name for kind, name in creates(outcome) if kind == "Pod"] == ["quickstart-worker-0", "quickstart-worker-1"]
 
 
 def test_a_worker_gone_before_the_gang_ran_is_created_again_not_counted() -> None:
-    outcome, status = step(launched(), [pod(1, "Pending")])
+    # Just after the launch, a pod the watch has not shown yet is on its way: no second create.
+    outcome, status = step(launched(), [pod(1, "Pending")], now=T0 + timedelta(seconds=3))
+    assert creates(outcome) == []
+    outcome, status = step(status, [pod(1, "Pending")], now=T0 + timedelta(seconds=20))
     assert status["phase"] == "Pending" and "restarts" not in status
     assert [name for kind, name in creates(outcome) if kind == "Pod"] == ["quickstart-worker-0"]
 

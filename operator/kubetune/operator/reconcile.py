@@ -49,6 +49,8 @@ from kubetune.operator.status import assemble
 from kubetune.operator.times import format_time, parse_time, seconds_since
 
 RESTART_BACKOFF_CAP_SECONDS = 300
+WATCH_GRACE_SECONDS = 15
+"""How long after creating a gang a pod the watch has not shown yet counts as on its way."""
 LOG_TAILS = 4
 """Failed pods whose log tails are posted per failure: the first few say why; the rest, who
 lost their peer, only repeat it."""
@@ -253,9 +255,12 @@ class _Pass:
             return self.restart_or_fail(*failure)
         running_before = bool(self.launched.get("runningTime"))
         missing = [index for index in range(self.replicas) if index not in self.current]
-        if missing and not running_before:
-            # Not seen running yet: created a moment ago (the watch has not shown it), or deleted
-            # before it ran: create it, idempotently, as the Job controller replaces a pod.
+        created_ago = seconds_since(self.launched.get("createdTime"), self.now)
+        if missing and not running_before and (created_ago is None or created_ago >= WATCH_GRACE_SECONDS):
+            # Deleted before it ran: create it, idempotently, as the Job controller replaces a pod.
+            # Not before WATCH_GRACE_SECONDS (the Job controller's expectations): until then a
+            # pod missing here was created a moment ago and the watch has not shown it yet, and
+            # creating it again is a refused request and a read (at a busy API server, 2.6 a job).
             actions += tuple(Create(build_worker_pod(self.job.ref, self._spec, index, self.settings, self.attempt))
                              for index in missing)
         pods = list(self.current.values())
