@@ -269,8 +269,7 @@ class _Pass:
         if not missing and pods and all(pod.phase in ("Running", "Succeeded") for pod in pods):
             return self.running(counts, actions)
         stuck = next((pod for pod in pods if pod.stuck), None)
-        if stuck and (seconds_since(self.launched.get("createdTime"), self.now) or 0) >= \
-                self.policy.startup_timeout_seconds:
+        if stuck and (created_ago or 0) >= self.policy.startup_timeout_seconds:
             return self.fail(stuck.stuck_reason or "StartupTimeout", self._stuck_message(stuck), actions=actions)
         message = _waiting_for_gang(self.replicas, self.attempt)
         if stuck:
