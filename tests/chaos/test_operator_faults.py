@@ -182,23 +182,43 @@ def _operator_writes(audit_log: Path, since: str) -> list[tuple[str, str, str, i
 
 
 def _acted_after_takeover(writes: list[tuple[str, str, str, int]]) -> list[str]:
-    """Writes of a replica that took effect after another replica had begun to write: two acting
-    at once. A request the old leader had begun before it was frozen may still arrive; it must
-    be refused by its fence (a name, a UID, a resourceVersion), or be the one Event it was
-    posting, which decides nothing."""
+    """Writes of a replica that took effect after another replica's writes had begun to take
+    effect: two acting at once. A request the old leader had begun before it was frozen may
+    still arrive; it must be refused by its fence (a name, a UID, a resourceVersion), or be the
+    one Event it was posting, which decides nothing. The new leader's refused writes act on
+    nothing: its first pass may re-create the pods the old one created just before it froze
+    (409) while the old one's status write, fenced by a resourceVersion nothing has changed
+    since, is still on its way; the new leader's own status write is then the one refused."""
     first: dict[str, str] = {}
-    for moment, replica, _, _ in writes:
-        first.setdefault(replica, moment)
+    for moment, replica, _, code in writes:
+        if code < 300:
+            first.setdefault(replica, moment)
     bad, in_flight = [], 0
     for moment, replica, what, code in writes:
+        if code >= 300 or replica not in first:
+            continue  # fenced: the API server refused it
         takeovers = [start for other, start in first.items() if other != replica and start > first[replica]]
         if takeovers and moment > min(takeovers):
-            if code >= 300:
-                continue  # fenced: the API server refused it
             in_flight += 1
             if "/events" not in what or in_flight > 1:
                 bad.append(f"{moment} {replica} ({code}) after the takeover: {what}")
     return bad
+
+
+def test_a_refused_write_of_the_new_leader_is_no_takeover() -> None:
+    """What CI's audit log once showed: the old leader's status write, decided on a
+    resourceVersion still current, lands between the new leader's refused creates and its
+    refused status write. A write that lands after the new leader's first accepted one is two
+    replicas acting."""
+    pods = "create /api/v1/namespaces/default/pods"
+    status = "patch /apis/kubetune.dev/v1alpha1/namespaces/default/finetunejobs/ha-0/status"
+    writes = [("t0", "old", pods, 201), ("t0", "old", pods, 201),
+              ("t1", "new", pods, 409), ("t1", "new", pods, 409),
+              ("t2", "old", status, 200),
+              ("t3", "new", status, 409), ("t4", "new", status, 200)]
+    assert _acted_after_takeover(writes) == []
+    assert _acted_after_takeover([*writes, ("t5", "old", pods, 201)]) == ["t5 old (201) after the takeover: " + pods]
+    assert _acted_after_takeover([*writes, ("t5", "old", status, 409)]) == []
 
 
 def test_two_replicas_with_a_lease_never_act_at_once(sim: _Sim) -> None:
