@@ -2,8 +2,8 @@
 under DeepSpeed ZeRO-2, the same schedule) with nothing else: no S3, no config checks, no
 metrics, logging, checkpoints or publishing. kubetune's distance to it is its overhead.
 
-Run under torchrun; writes the adapter to ``--out`` and ``{"tokens", "trainSeconds"}`` to
-``--result``.
+Run under torchrun; writes the adapter to ``--out`` and ``{"tokens", "trainSeconds",
+"peakMemoryBytes"}`` to ``--result``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workload import Workload, read_texts, token_ids  # noqa: E402
+from workload import Workload, examples, peak_memory_all_ranks  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from kubetune.trainer.batching import batches_for_epoch
-    from kubetune.trainer.data import IGNORE_INDEX, Example
     from kubetune.trainer.loss import next_token_loss, output_layer, trained_tokens_all_ranks
     from kubetune.trainer.schedule import lr_lambda
 
@@ -44,11 +43,7 @@ def main() -> None:
     accumulation = w.global_batch_size // (w.micro_batch_size * world_size)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    examples = []
-    for text in read_texts(args.train):
-        ids = token_ids(tokenizer, text)
-        examples.append(Example(ids, [IGNORE_INDEX] + ids[1:]))
-    batches = batches_for_epoch(examples, micro_batch_size=w.micro_batch_size, world_size=world_size, rank=rank,
+    batches = batches_for_epoch(examples(w, tokenizer, args.train), micro_batch_size=w.micro_batch_size, world_size=world_size, rank=rank,
                                 seed=w.seed, epoch=0)
     steps = len(batches) // accumulation
     batches = batches[: steps * accumulation]
@@ -86,10 +81,11 @@ def main() -> None:
 
     totals = torch.tensor([tokens, positions], dtype=torch.float64)
     torch.distributed.all_reduce(totals)
+    peak = peak_memory_all_ranks()
     if rank == 0:
         engine.module.save_pretrained(args.out)
         args.result.write_text(json.dumps({"tokens": int(totals[0]), "positions": int(totals[1]),
-                                           "trainSeconds": seconds, "steps": steps}))
+                                           "trainSeconds": seconds, "steps": steps, "peakMemoryBytes": peak}))
 
 
 if __name__ == "__main__":

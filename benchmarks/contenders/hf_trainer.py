@@ -1,12 +1,15 @@
 """Contender: Hugging Face ``Trainer`` + PEFT LoRA + its DeepSpeed integration (ZeRO-2), the
 stack kubetune users would otherwise pick. Run under torchrun, one variant per run:
 
-- ``default``: dynamic padding to the longest example of each batch, random order;
+- ``default``: dynamic padding to the longest example of each batch, random order
+  (``DataCollatorForSeq2Seq``: it pads the labels too, which carry the chat workload's mask);
 - ``group_by_length``: ``train_sampling_strategy="group_by_length"``, its best stock setting on CPU;
 - ``flatten``: padding-free ``DataCollatorWithFlattening`` (examples concatenated, position ids
   restart per example).
 
-Writes the adapter to ``--out`` and ``{"tokens", "trainSeconds", ...}`` to ``--result``.
+Every variant trains on the tokens and labels kubetune's reader makes (``workload.examples``).
+Writes the adapter to ``--out`` and ``{"tokens", "trainSeconds", "peakMemoryBytes", ...}`` to
+``--result``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workload import Workload, read_texts, token_ids  # noqa: E402
+from workload import Workload, examples, peak_memory_all_ranks  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +43,7 @@ def main() -> None:
     import torch
     from accelerate import PartialState
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling,
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
                               DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
     PartialState(backend="gloo")
@@ -49,7 +52,8 @@ def main() -> None:
     accumulation = workload.global_batch_size // (workload.micro_batch_size * world_size)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    features = [{"input_ids": token_ids(tokenizer, text)} for text in read_texts(args.train)]
+    features = [{"input_ids": example.input_ids, "labels": example.labels}
+                for example in examples(workload, tokenizer, args.train)]
     set_seed(workload.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     model.config.use_cache = False  # padding-free batches are only isolated per example without a cache
@@ -59,7 +63,7 @@ def main() -> None:
     if args.variant == "flatten":
         collate = DataCollatorWithFlattening()
     else:
-        collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)  # labels = ids, padding -> -100
+        collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     counter = _TokenCounter(collate)
 
     class Clock(TrainerCallback):
@@ -105,11 +109,12 @@ def main() -> None:
 
     totals = torch.tensor([counter.tokens, counter.positions], dtype=torch.float64)
     torch.distributed.all_reduce(totals)
+    peak = peak_memory_all_ranks()
     if rank == 0:
         trainer.model.save_pretrained(args.out)
         args.result.write_text(json.dumps({
             "tokens": int(totals[0]), "positions": int(totals[1]), "trainSeconds": clock.seconds,
-            "steps": trainer.state.global_step,
+            "steps": trainer.state.global_step, "peakMemoryBytes": peak,
         }))
 
 
