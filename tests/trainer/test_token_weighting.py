@@ -22,9 +22,12 @@ LEARNING_RATE = 0.5
 def process_group(monkeypatch: pytest.MonkeyPatch, unused_port):
     import deepspeed
 
+    from kubetune.trainer.train import _without_shm_comm_op
+
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(unused_port())}.items():
         monkeypatch.setenv(key, value)
+    _without_shm_comm_op(deepspeed)  # as the recipe joins its group: else a minute compiling an unused op
     deepspeed.init_distributed(dist_backend="gloo")
     yield
     torch.distributed.destroy_process_group()
