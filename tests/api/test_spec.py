@@ -39,6 +39,8 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
         ({"training": {"precision": "int8"}}, "spec.training.precision"),
         ({"lora": {"rank": 8}}, "spec.lora.rank"),  # a typo is an error, not silently ignored
         ({"qualityGate": {"maxEvalLoss": 0}}, "spec.qualityGate.maxEvalLoss"),
+        ({"qualityGate": {"maxRetentionLossIncrease": -0.1}}, "spec.qualityGate.maxRetentionLossIncrease"),
+        ({"evaluation": {"retentionUri": "https://x/general.jsonl"}}, "spec.evaluation.retentionUri"),
     ],
 )
 def test_invalid_field_is_named_by_the_schema_and_the_typed_spec(overrides: dict, field: str) -> None:

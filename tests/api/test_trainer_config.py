@@ -155,3 +155,14 @@ def test_quality_gate_needs_evaluation_data() -> None:
         parse_config({**MINIMAL, "qualityGate": {"maxEvalLoss": 2.5}})
     config = {**with_changes(dataset={"validationSplit": 0.1}), "qualityGate": {"maxEvalLoss": 2.5}}
     assert parse_config(config).quality_gate.max_eval_loss == 2.5
+
+
+def test_the_retention_gate_needs_retention_data() -> None:
+    with pytest.raises(InvalidObjectError, match="spec.qualityGate.maxRetentionLossIncrease needs retention data: "
+                                                 "set spec.evaluation.retentionUri"):
+        parse_config({**MINIMAL, "qualityGate": {"maxRetentionLossIncrease": 0.1}})
+    config = {**MINIMAL, "qualityGate": {"maxRetentionLossIncrease": 0.1},
+              "evaluation": {"retentionUri": "s3://datasets/general.jsonl"}}
+    parsed = parse_config(config)
+    assert (parsed.quality_gate.max_retention_loss_increase, parsed.evaluation.retention_uri) == (
+        0.1, "s3://datasets/general.jsonl")

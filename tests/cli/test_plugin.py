@@ -232,11 +232,17 @@ def test_status_of_a_succeeded_job_shows_the_adapter_the_losses_and_the_cost() -
     text = status.render(job(SUCCEEDED), now=NOW)
     assert "  Phase     Succeeded\n" in text and "Message" not in text  # the message says nothing new
     assert "[██████████████████████████████] 100%  step 150/150  epoch 5.00\n" in text and "ETA" not in text
-    assert "  Loss      5.4493   eval 5.5120\n" in text
+    assert "  Loss      5.4493   eval 5.5120\n" in text and "Retention" not in text  # no retention set
     assert "  Took      1m04s\n" in text
     assert "  Cost      1m38s worker time, 0 GPU-hours, 16,900 tokens\n" in text
     assert "  Adapter   s3://adapters/quickstart/   manifest sha256 1bfb70a0a7d4\n" in text
     assert "adapter quickstart --download DIR" in text
+
+
+def test_status_shows_the_retention_losses_when_the_job_measured_them() -> None:
+    retained = {**SUCCEEDED, "results": {**SUCCEEDED["results"], "retentionLossBefore": 2.81123,
+                                         "retentionLossAfter": 2.853}}
+    assert "  Retention  2.8112 before, 2.8530 after training\n" in status.render(job(retained), now=NOW)
 
 
 def test_status_of_a_failed_job_shows_the_last_failure_and_its_kept_log() -> None:

@@ -37,6 +37,7 @@ def test_packed_chat_parquet_with_a_validation_file_trains_and_publishes(
                      "sequenceLength": 96, "seed": 7, "logEverySteps": 4, "packing": True},
         "output": {"adapterUri": "s3://adapters/packed/"},
         "storage": {"endpoint": moto_endpoint, "region": "us-east-1"},
+        "evaluation": {"atStart": True},
         "metrics": {"port": 0},
     }
     config_path = tmp_path / "config.yaml"

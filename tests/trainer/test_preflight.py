@@ -14,7 +14,8 @@ import yaml
 from kubetune.api.trainer_config import parse_config
 from kubetune.trainer.preflight import run_preflight
 
-CHECK_ORDER = ["credentials", "model", "dataset", "chat template", "validation", "adapterUri", "checkpointUri"]
+CHECK_ORDER = ["credentials", "model", "dataset", "chat template", "validation", "retention", "adapterUri",
+               "checkpointUri"]
 
 
 def job(uploaded_assets: dict[str, str], endpoint: str, **sections: dict) -> dict:
@@ -56,6 +57,7 @@ def test_a_good_chat_job_passes_every_check_in_order_and_leaves_no_probe(
         dataset={"uri": uploaded_assets["chat"], "format": "chat", "validationSplit": 0.0,
                  "validationUri": uploaded_assets["chat"]},
         output={"checkpointUri": "s3://adapters/preflight-checkpoints/"},
+        evaluation={"retentionUri": uploaded_assets["retention"]},
     )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -70,6 +72,8 @@ def test_a_good_chat_job_passes_every_check_in_order_and_leaves_no_probe(
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [f"ok {check}" for check in CHECK_ORDER], lines
     assert "240 lines parse as format chat, 240 examples to train on" in line_of(lines, "dataset")
+    # Read as plain text whatever the training format is.
+    assert "40 lines parse as format text, 40 examples to evaluate for retention" in line_of(lines, "retention")
     assert "llama config" in line_of(lines, "model")
     assert not termination_log.exists()  # a passing preflight leaves the message to the trainer
     assert line_of(lines, "adapterUri").startswith(

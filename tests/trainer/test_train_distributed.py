@@ -90,6 +90,7 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
                      "minLearningRate": 0.001},
         "deepspeed": {"zeroStage": zero_stage, "offload": "none"},
         "output": {"adapterUri": f"s3://adapters/{prefix}/"},
+        "evaluation": {"atStart": True, "retentionUri": uploaded_assets["retention"]},
         "storage": {"endpoint": moto_endpoint, "region": "us-east-1"},
         "metrics": {"port": metrics_port},
     }
@@ -159,14 +160,32 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
     # 5. Training helped: train loss and held-out loss both fell.
     results = manifest["results"]
     assert results["steps"] == 10 and results["worldSize"] == 2
+    assert 200 * 2**20 < results["peakMemoryBytes"] < 8 * 2**30, results  # a rank's RSS: torch alone is 200 MB
     assert results["finalLoss"] < results["initialLoss"], results
     assert results["evalLoss"] < results["initialEvalLoss"], results
+    # Capitals, digits and hyphens, which the demo never uses: training on it makes them less likely.
+    assert results["retentionLossAfter"] > results["retentionLossBefore"] > 0, results
+    assert f"retention loss {results['retentionLossBefore']:.4f} before training, " \
+           f"{results['retentionLossAfter']:.6f} after" in result.stdout
     assert manifest["baseModel"]["uri"] == uploaded_assets["model"]
+    # Where the time went, from the worker's start to the manifest: every phase measured, and
+    # the parts add up to the whole.
+    timings = results["timeToAdapter"]
+    phases = ["startup", "download", "tokenize", "modelLoad", "evaluation", "training", "checkpoints", "publish"]
+    assert set(timings) == {"totalSeconds", *(f"{phase}Seconds" for phase in phases), "otherSeconds"}
+    assert all(timings[f"{phase}Seconds"] > 0 for phase in phases if phase != "checkpoints"), timings
+    assert (timings["checkpointsSeconds"] > 0) == (zero_stage == 2), timings
+    assert sum(value for key, value in timings.items() if key != "totalSeconds") == pytest.approx(
+        timings["totalSeconds"], abs=0.05)
+    assert timings["trainingSeconds"] <= results["trainSeconds"]  # the loop, less its evaluations
+    assert f"time to adapter {timings['totalSeconds']:.1f}s: startup " in result.stdout
     assert manifest["trainerConfig"]["deepspeed"]["zeroStage"] == zero_stage
     # Rank 0 left the same summary as the pod's termination message (the operator's results).
     summary = json.loads(termination_log.read_text())
     assert summary["outcome"] == "Succeeded" and summary["adapterUri"] == f"s3://adapters/{prefix}/"
     assert (summary["steps"], summary["totalSteps"], summary["finalLoss"]) == (10, 10, results["finalLoss"])
+    assert (summary["retentionLossBefore"], summary["retentionLossAfter"]) == (
+        results["retentionLossBefore"], results["retentionLossAfter"])
     # ...and which publish is this job's: the digest of manifest.json as it is in S3.
     document = s3_client.get_object(Bucket="adapters", Key=f"{prefix}/manifest.json")["Body"].read()
     assert summary["manifestSha256"] == hashlib.sha256(document).hexdigest()

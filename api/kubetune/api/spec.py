@@ -619,12 +619,33 @@ class Output(ApiModel):
         return None if uri is None else as_folder(uri)
 
 
+class Evaluation(ApiModel):
+    """When the model is evaluated, and on what besides the validation data."""
+
+    at_start: bool = False
+    """Also evaluate the base model on the validation data before the first step: the
+    manifest's initialEvalLoss and the step-0 point of `kubectl kubetune plot`. Off by default:
+    it is one more pass over the validation data before training starts."""
+    retention_uri: S3Uri | None = None
+    """s3:// URI of a JSONL or Parquet file of general text the base model should keep knowing
+    (one example per line or row, in retentionTextField), to catch catastrophic forgetting. Its
+    loss is measured before and after training, reported in the manifest and the job's status
+    (retentionLossBefore, retentionLossAfter), and checked by
+    qualityGate.maxRetentionLossIncrease. Examples longer than training.sequenceLength are cut."""
+    retention_text_field: str = Field("text", min_length=1, max_length=NAME_MAX_LENGTH)
+    """Field holding each retention example's text."""
+
+
 class QualityGate(ApiModel):
     """What the adapter must achieve to be published."""
 
     max_eval_loss: float | None = Field(None, gt=0)
     """Highest accepted final evaluation loss (needs evaluation data): above it nothing is
     published and the job fails with the measured value."""
+    max_retention_loss_increase: float | None = Field(None, ge=0)
+    """Highest accepted rise of the loss on evaluation.retentionUri (after training minus before,
+    in nats per token; 0.05 is about 5% more perplexity): above it nothing is published and the
+    job fails with both losses. Needs evaluation.retentionUri."""
 
 
 class Storage(ApiModel):
@@ -663,6 +684,17 @@ QUALITY_GATE_NEEDS_EVALUATION_DATA = Rule(
     or s.dataset.validation_split > 0 or s.dataset.validation_uri is not None,
 )
 """Holds for the spec and for the trainer config, which has the same two sections."""
+
+RETENTION_GATE_NEEDS_RETENTION_DATA = Rule(
+    cel="!has(self.qualityGate) || !has(self.qualityGate.maxRetentionLossIncrease) || "
+        "(has(self.evaluation) && has(self.evaluation.retentionUri))",
+    message=(
+        "spec.qualityGate.maxRetentionLossIncrease needs retention data: set spec.evaluation.retentionUri "
+        "(general text the base model should keep knowing), or remove the gate."
+    ),
+    check=lambda s: s.quality_gate.max_retention_loss_increase is None or s.evaluation.retention_uri is not None,
+)
+"""Holds for the spec and for the trainer config, which has the same sections."""
 
 
 def _unchanged(model: type[ApiModel], *mutable: str) -> dict[str, str]:
@@ -761,6 +793,7 @@ class FineTuneJobSpec(ApiModel):
             check=lambda s: s.training.global_batch_size % (s.training.micro_batch_size * s.workers.world_size) == 0,
         ),
         QUALITY_GATE_NEEDS_EVALUATION_DATA,
+        RETENTION_GATE_NEEDS_RETENTION_DATA,
         Rule(
             cel=(
                 "!has(self.storage.credentialsSecret) || !has(self.workers.env) || "
@@ -793,6 +826,8 @@ class FineTuneJobSpec(ApiModel):
     """Where and how the worker pods are placed and queued."""
     output: Output
     """Where the adapter and the checkpoints go."""
+    evaluation: Evaluation = Evaluation()
+    """When the model is evaluated, and on what besides the validation data."""
     quality_gate: QualityGate = QualityGate()
     """What the adapter must achieve to be published."""
     storage: Storage = Storage()

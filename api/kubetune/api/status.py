@@ -96,6 +96,10 @@ class Results(ApiModel):
     """Training loss of the last step."""
     eval_loss: float | None = None
     """Evaluation loss at the end (with evaluation data)."""
+    retention_loss_before: float | None = None
+    """Loss of the base model on spec.evaluation.retentionUri (general text it should keep knowing)."""
+    retention_loss_after: float | None = None
+    """The same after training: how much the adapter made the model forget."""
     steps: int | None = None
     """Optimizer steps taken."""
     tokens: int | None = None

@@ -68,6 +68,10 @@ class TerminationMessage(ApiModel):
     """Training loss of the last step."""
     eval_loss: float | None = None
     """Final evaluation loss, with evaluation data."""
+    retention_loss_before: float | None = None
+    """Loss of the base model on evaluation.retentionUri."""
+    retention_loss_after: float | None = None
+    """Loss of the adapted model on evaluation.retentionUri."""
     tokens: int | None = None
     """Real (non-padding) tokens trained on."""
     adapter_uri: str | None = None

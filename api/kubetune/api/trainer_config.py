@@ -19,7 +19,8 @@ Example (the quickstart, shortened)::
     training: {epochs: 5, maxSteps: 150, learningRate: 0.001, microBatchSize: 4, ...}
     deepspeed: {zeroStage: 2, offload: none, config: null}
     output: {adapterUri: "s3://adapters/quickstart/", checkpointUri: null, ...}
-    qualityGate: {maxEvalLoss: null}
+    evaluation: {atStart: false, retentionUri: null, retentionTextField: text}
+    qualityGate: {maxEvalLoss: null, maxRetentionLossIncrease: null}
     storage: {endpoint: "http://s3.kubetune-system.svc.cluster.local:9000", region: us-east-1, ...}
     metrics: {port: 9400}
 """
@@ -36,8 +37,10 @@ from pydantic import Field, ValidationError, field_validator
 from kubetune.api.model import ApiModel, InvalidObjectError, describe
 from kubetune.api.spec import (
     QUALITY_GATE_NEEDS_EVALUATION_DATA,
+    RETENTION_GATE_NEEDS_RETENTION_DATA,
     Dataset,
     DeepSpeed,
+    Evaluation,
     FineTuneJobSpec,
     Lora,
     ModelSource,
@@ -77,7 +80,7 @@ class Metrics(ApiModel):
 class TrainerConfig(ApiModel):
     """The whole file /etc/kubetune/config.json (JSON or YAML: a file given to --config by hand may be either)."""
 
-    rules = (QUALITY_GATE_NEEDS_EVALUATION_DATA,)
+    rules = (QUALITY_GATE_NEEDS_EVALUATION_DATA, RETENTION_GATE_NEEDS_RETENTION_DATA)
 
     schema_version: int
     """Version of this schema; see SCHEMA_VERSION."""
@@ -95,6 +98,8 @@ class TrainerConfig(ApiModel):
     """spec.deepspeed."""
     output: Output
     """spec.output."""
+    evaluation: Evaluation = Evaluation()
+    """spec.evaluation."""
     quality_gate: QualityGate = QualityGate()
     """spec.qualityGate."""
     storage: Storage = Storage()
@@ -118,7 +123,8 @@ class TrainerConfig(ApiModel):
         for jobs that name none."""
         return cls(
             schema_version=SCHEMA_VERSION, job=job, model=spec.model, dataset=spec.dataset, lora=spec.lora,
-            training=spec.training, deepspeed=spec.deepspeed, output=spec.output, quality_gate=spec.quality_gate,
+            training=spec.training, deepspeed=spec.deepspeed, output=spec.output, evaluation=spec.evaluation,
+            quality_gate=spec.quality_gate,
             storage=spec.storage.model_copy(update={"endpoint": spec.storage.endpoint or s3_endpoint}),
             metrics=Metrics(port=metrics_port),
         )

@@ -307,7 +307,8 @@ class _Pass:
         cost = self._cost_with_attempt()
         if outcome and outcome.outcome == "Succeeded":
             results = {"finalLoss": outcome.final_loss, "evalLoss": outcome.eval_loss, "steps": outcome.steps,
-                       "tokens": outcome.tokens}
+                       "tokens": outcome.tokens, "retentionLossBefore": outcome.retention_loss_before,
+                       "retentionLossAfter": outcome.retention_loss_after}
             fields["results"] = {key: value for key, value in results.items() if value is not None}
             if outcome.manifest_sha256:
                 fields["adapter"]["manifestSha256"] = outcome.manifest_sha256

@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kubetune.api.spec import Dataset
 from kubetune.trainer.chat import chat_segments
 from kubetune.trainer.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from kubetune.api.spec import Dataset
+    from kubetune.api.spec import Evaluation
 
 IGNORE_INDEX = -100
 """Label value that torch's cross-entropy (and HF models) skip."""
@@ -61,6 +62,8 @@ class Datasets:
     validation: list[Example]
     notes: list[str] = field(default_factory=list)
     """Counts worth a log line (truncated or dropped examples), for rank 0 to print."""
+    retention: list[Example] = field(default_factory=list)
+    """evaluation.retentionUri's examples: plain text, all of it evaluated."""
 
 
 def prepare_datasets(
@@ -70,8 +73,12 @@ def prepare_datasets(
     dataset: Dataset,
     sequence_length: int,
     seed: int,
+    *,
+    retention_path: Path | None = None,
+    evaluation: Evaluation | None = None,
 ) -> Datasets:
-    """Read, tokenise, fit and split; ``validation_path`` is the downloaded ``validationUri``."""
+    """Read, tokenise, fit and split; ``validation_path`` is the downloaded ``validationUri``,
+    ``retention_path`` the downloaded ``evaluation.retentionUri``."""
     notes: list[str] = []
     examples = _load(train_path, dataset.uri, tokenizer, dataset, sequence_length, notes)
     if validation_path is None:
@@ -80,7 +87,12 @@ def prepare_datasets(
         train = examples
         validation = _load(validation_path, dataset.validation_uri or str(validation_path), tokenizer,
                            dataset, sequence_length, notes)
-    return Datasets(train, validation, notes)
+    retention: list[Example] = []
+    if retention_path is not None and evaluation is not None and evaluation.retention_uri:
+        # Read as text whatever the training format is: general text, every token counted.
+        as_text = Dataset(uri=evaluation.retention_uri, format="text", text_field=evaluation.retention_text_field)
+        retention = _load(retention_path, evaluation.retention_uri, tokenizer, as_text, sequence_length, notes)
+    return Datasets(train, validation, notes, retention)
 
 
 def _load(

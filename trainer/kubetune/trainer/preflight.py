@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune.api.spec import Dataset
 from kubetune.trainer.errors import ConfigError, TrainerError
 from kubetune.trainer.s3 import (
     copy_object, delete_object, delete_prefix, download_file, head, join_uri, list_keys, make_client, parse_s3_uri,
@@ -99,6 +100,8 @@ def _checks(config: TrainerConfig) -> list[tuple[str, Callable[[_Run], str]]]:
     if config.dataset.format == "chat":
         checks.append(("chat template", _check_chat_template))
     checks.append(("validation", _check_validation))
+    if config.evaluation.retention_uri:
+        checks.append(("retention", _check_retention))
     checks.append(("adapterUri", _check_adapter_uri))
     if config.output.checkpoint_uri:
         checks.append(("checkpointUri",
@@ -180,11 +183,18 @@ def _check_validation(state: _Run) -> str:
     return "none (no dataset.validationSplit or validationUri: the job reports no eval loss)"
 
 
-def _check_data_file(state: _Run, uri: str) -> str:
-    """Download ``uri`` and run the trainer's own readers over all of it."""
+def _check_retention(state: _Run) -> str:
+    evaluation = state.config.evaluation
+    as_text = Dataset(uri=evaluation.retention_uri, format="text", text_field=evaluation.retention_text_field)
+    return _check_data_file(state, evaluation.retention_uri, as_text, purpose="evaluate for retention")
+
+
+def _check_data_file(state: _Run, uri: str, dataset: Dataset | None = None, purpose: str = "train on") -> str:
+    """Download ``uri`` and run the trainer's own readers over all of it (as ``dataset`` says,
+    by default the training data's settings)."""
     from kubetune.trainer import data
 
-    dataset, training = state.config.dataset, state.config.training
+    dataset, training = dataset or state.config.dataset, state.config.training
     path = download_file(state.client, uri, state.scratch / "data" / uuid.uuid4().hex)
     records, unit = data.read_records(path, dataset, source=uri)
     if state.tokenizer is None:
@@ -195,7 +205,7 @@ def _check_data_file(state: _Run, uri: str) -> str:
         return f"{len(records)} {unit}s parse (not tokenised: the tokenizer has no chat template)"
     examples = data.tokenize_records(records, state.tokenizer, dataset, source=uri, unit=unit)
     kept, notes = data.fit_to_length(examples, training.sequence_length, dataset.overlong, dataset.format, source=uri)
-    detail = f"{len(records)} {unit}s parse as format {dataset.format}, {len(kept)} examples to train on"
+    detail = f"{len(records)} {unit}s parse as format {dataset.format}, {len(kept)} examples to {purpose}"
     return detail + "".join(f"; {note.removeprefix(uri + ': ')}" for note in notes)
 
 

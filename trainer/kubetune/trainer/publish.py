@@ -36,6 +36,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -106,9 +107,12 @@ def build_manifest(adapter_dir: Path, config: TrainerConfig, results: dict[str, 
 
 
 def publish_adapter(
-    client: S3Client, adapter_dir: Path, config: TrainerConfig, results: dict[str, Any]
+    client: S3Client, adapter_dir: Path, config: TrainerConfig, results: dict[str, Any],
+    on_manifest: Callable[[dict[str, Any]], None] | None = None,
 ) -> Published:
-    """Upload ``adapter_dir`` to ``config.output.adapterUri``; the manifest is written last."""
+    """Upload ``adapter_dir`` to ``config.output.adapterUri``; the manifest is written last.
+    ``on_manifest`` may add to the manifest just before it is written (figures that take the
+    publish's own time)."""
     check_may_publish(client, config)
     render_loss_curve(results, adapter_dir / PLOT_NAME, title=f"{config.job.namespace}/{config.job.name}")
     manifest = build_manifest(adapter_dir, config, results)
@@ -130,6 +134,8 @@ def publish_adapter(
             lock.renew()
             copy_object(client, join_uri(staging, entry["path"]), join_uri(target, entry["path"]))
             _verify(client, join_uri(target, entry["path"]), entry)
+        if on_manifest is not None:
+            on_manifest(manifest)
         document = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         lock.renew()
         put_bytes(client, document, join_uri(target, MANIFEST_NAME))

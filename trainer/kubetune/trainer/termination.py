@@ -18,7 +18,8 @@ from typing import Any
 from kubetune.api.termination import DEFAULT_PATH, MAX_BYTES, ExitCode, TerminationMessage
 
 PATH_ENV = "KUBETUNE_TERMINATION_LOG"
-SUMMARY_KEYS = ("steps", "totalSteps", "finalLoss", "evalLoss", "tokens", "manifestSha256")
+SUMMARY_KEYS = ("steps", "totalSteps", "finalLoss", "evalLoss", "retentionLossBefore", "retentionLossAfter",
+                "tokens", "manifestSha256")
 __all__ = ["DEFAULT_PATH", "MAX_BYTES", "PATH_ENV", "failure_message", "success_message", "write"]
 
 

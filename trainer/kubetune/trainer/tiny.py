@@ -6,9 +6,10 @@
     DIR/datasets/train.jsonl     format text         ({"text": ...})
     DIR/datasets/chat.jsonl      format chat         ({"messages": [{role, content}, ...]})
     DIR/datasets/instruction.jsonl format instruction ({"prompt": ..., "response": ...})
+    DIR/datasets/retention.jsonl   text for evaluation.retentionUri ({"text": ...})
 
 and, with ``--s3-endpoint``, creates buckets ``models``, ``datasets``, ``adapters`` and uploads
-``s3://models/tiny-llama/``, ``s3://datasets/quickstart/{train,chat,instruction}.jsonl``
+``s3://models/tiny-llama/``, ``s3://datasets/quickstart/{train,chat,instruction,retention}.jsonl``
 (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, default "kubetune").
 
 Everything is seeded: two runs write byte-identical model weights and datasets, in seconds.
@@ -37,6 +38,7 @@ _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", 
 _ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow"]
 _COLOURS = ["red", "blue", "green", "black", "white"]
 _PLACES = ["mat", "roof", "hill", "tree", "boat"]
+_CAPITALS = ["OSLO", "LIMA", "ROME", "KYIV", "DOHA", "BERN", "ACCRA", "QUITO"]
 
 
 def make_examples(seed: int = 0, count: int = 240) -> dict[str, list[dict[str, Any]]]:
@@ -60,7 +62,15 @@ def make_examples(seed: int = 0, count: int = 240) -> dict[str, list[dict[str, A
             }
         )
         instruction.append({"prompt": f"where does the {colour} {animal} sit?", "response": sentence})
-    return {"train": text, "chat": chat, "instruction": instruction}
+    # Text for evaluation.retentionUri, from a generator of its own (the datasets above stay as
+    # they were): capitals, digits and hyphens, none of which the demo uses (nor its spaces and
+    # full stops). The random base model knows nothing, so this stands in for what a real one
+    # knows: text whose tokens training on the demo makes less likely, so that the retention
+    # loss rises.
+    other = random.Random(seed + 1)
+    retention = [{"text": "-".join(f"{other.choice(_CAPITALS)}-{other.randint(0, 999)}" for _ in range(4))}
+                 for _ in range(count // 6)]
+    return {"train": text, "chat": chat, "instruction": instruction, "retention": retention}
 
 
 def build_tokenizer(corpus: list[str]):
@@ -165,7 +175,7 @@ def upload_demo_assets(
                 key = f"{MODEL_NAME}/{path.relative_to(root / MODEL_NAME).as_posix()}"
                 client.upload_file(str(path), "models", key)
         uris = {"model": f"s3://models/{MODEL_NAME}/"}
-        for name in ("train", "chat", "instruction"):
+        for name in ("train", "chat", "instruction", "retention"):
             client.upload_file(str(root / "datasets" / f"{name}.jsonl"), "datasets", f"quickstart/{name}.jsonl")
             uris[name] = f"s3://datasets/quickstart/{name}.jsonl"
     return uris

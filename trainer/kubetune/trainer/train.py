@@ -16,20 +16,27 @@ The recipe (``LoRAFineTuneRecipe``, one method per stage, in this order):
 
   __init__ read + check the config (before any network, so mistakes fail fast)
   setup    join the process group (gloo on CPU, nccl on GPU; collectives time out in minutes)
-           -> every node's local rank 0 downloads model + data (pods share no filesystem)
+           -> every node's local rank 0 downloads model + data (pods share no filesystem), and
+              the tokenized examples a run of this job already made, if any (datacache.py)
            -> load model and tokenizer, wrap with LoRA -> tokenize -> DeepSpeed engine
            -> with output.checkpointUri: resume from the newest complete checkpoint
               (checkpoint.py: DeepSpeed state, data position, RNG states)
+           -> else evaluate the base model: on the retention set (evaluation.retentionUri), and
+              on the validation data with evaluation.atStart
   train    epochs x micro-batches; DeepSpeed accumulates gradients up to globalBatchSize and
            steps the optimizer; stops at maxSteps; rank 0 logs and updates /metrics;
            evaluates at each epoch end; checkpoints every checkpointEverySteps, at epoch ends
            and at the end (uploads in the background); on SIGTERM stops at the end of the
            step, after a checkpoint of it is COMPLETE in S3 (exit 143)
-  finish_training  final evaluation; above qualityGate.maxEvalLoss every rank exits 79, nothing published
+  finish_training  final evaluation (and the retention set's); above qualityGate.maxEvalLoss or
+           maxRetentionLossIncrease every rank exits 79, nothing published
   save_adapter     gather the LoRA weights (ZeRO-3 shards them) -> save_pretrained on rank 0
   publish  rank 0 stages adapter + tokenizer beside adapterUri, verifies, copies them in,
            then writes manifest.json last (publish.py)
   cleanup  leave the process group, remove the downloads
+
+Rank 0 logs where the time went at the end (timings.py: start-up, download, tokenisation, model
+load, evaluation, training, checkpoints, publish) and writes it into the manifest.
 
 ``on_step_end`` is called after every optimizer step: the tests' fault injection subclasses it.
 
@@ -70,6 +77,7 @@ import torch
 from kubetune.api.trainer_config import TrainerConfig, load_config
 from kubetune.trainer.errors import ConfigError, DataError, QualityGateError, Stopped, TrainerError
 from kubetune.trainer.metrics import progress_bar
+from kubetune.trainer.timings import Stopwatch, describe
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -102,8 +110,9 @@ def run(config: TrainerConfig | str | Path, recipe: type[LoRAFineTuneRecipe] | N
         runner.setup()
         runner.train()
         runner.finish_training()
-        runner.save_adapter()
-        return runner.publish()
+        with runner.stopwatch.phase("publish"):
+            runner.save_adapter()
+            return runner.publish()
     except RuntimeError as error:
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise
@@ -139,12 +148,13 @@ class Progress:
     evals: list = field(default_factory=list)
     """{"epoch", "step", "evalLoss"} at each epoch end."""
 
-    def to_state(self, initial_eval: float | None) -> dict[str, Any]:
-        """What a checkpoint keeps so the resumed run reports the whole run."""
+    def to_state(self, initial_eval: float | None, retention_before: float | None) -> dict[str, Any]:
+        """What a checkpoint keeps so the resumed run reports the whole run (and the base
+        model's losses, which a resumed run can no longer measure)."""
         return {"steps": self.steps, "epoch": self.epoch, "tokens": self.tokens, "positions": self.positions,
                 "seconds": self.seconds,
                 "firstLoss": self.first_loss, "lastLoss": self.last_loss, "history": self.history,
-                "evals": self.evals, "initialEvalLoss": initial_eval}
+                "evals": self.evals, "initialEvalLoss": initial_eval, "retentionLossBefore": retention_before}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
@@ -165,6 +175,7 @@ class LoRAFineTuneRecipe:
     def __init__(self, config: TrainerConfig) -> None:
         # ---- Setup 1: config and topology (no network yet: wrong configs fail in milliseconds)
         self.config = config
+        self.stopwatch = Stopwatch()
         self.topo = _topology_from_env()
         _configure_logging(self.topo)
         self.accumulation = gradient_accumulation_steps(config, self.topo.world_size)
@@ -179,21 +190,31 @@ class LoRAFineTuneRecipe:
         self.checkpointer: Any = None
         self.resumed: Any = None
         self.validation_set: list = []
+        self.retention_set: list = []
         self.initial_eval: float | None = None
         self.final_eval: float | None = None
+        self.retention_before: float | None = None
+        """Loss of the base model on evaluation.retentionUri; ``retention_after``, of the adapted one."""
+        self.retention_after: float | None = None
         self.progress = Progress()
         self.stop_requested = False
         """Set by SIGTERM during ``train``; acted on at the next step boundary all ranks agree on."""
+        self.tokenized_upload: threading.Thread | None = None
+        """Rank 0 keeping the tokenized examples for restarts (datacache.store), in the background."""
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         from kubetune.trainer.s3 import make_client
 
         self._join_process_group()
+        self.stopwatch.mark_started_up()
         self.s3 = make_client(self.config.storage)
-        self._download()
-        self._load_data()
-        self._build_engine(self._load_model())
+        with self.stopwatch.phase("download"):
+            self._download()
+        with self.stopwatch.phase("tokenize"):
+            self._load_data()
+        with self.stopwatch.phase("modelLoad"):
+            self._build_engine(self._load_model())
         self._resume()
 
     def _join_process_group(self) -> None:
@@ -213,9 +234,25 @@ class LoRAFineTuneRecipe:
         """Pods share no filesystem, so the first process of EVERY node downloads; the others
         wait at the barrier (which also waits for all nodes)."""
         self.model_dir, self.data_path = self.workdir / "model", self.workdir / "data" / "train.jsonl"
+        self.retention_path = self.data_path.with_name("retention") if self.config.evaluation.retention_uri else None
+        self.tokenized_path, self.tokenized_uri = self.data_path.with_name("tokenized.pt"), None
         if self.topo.is_node_main:
-            _download_inputs(self.s3, self.config, self.model_dir, self.data_path)
+            _download_inputs(self.s3, self.config, self.model_dir, self.data_path, self.retention_path)
+            self.tokenized_uri = self._fetch_tokenized()
         torch.distributed.barrier()
+
+    def _fetch_tokenized(self) -> str | None:
+        """The examples a run of this job made from the same inputs (with checkpoints on), into
+        ``tokenized_path``; returns where they are kept, whether they were there or not."""
+        from kubetune.trainer import datacache
+
+        self.tokenized_path.unlink(missing_ok=True)  # a killed run's, in a reused scratch folder
+        files = [path for path in (self.data_path, _validation_path(self.data_path), self.retention_path)
+                 if path is not None and path.is_file()]
+        uri = datacache.cache_uri(self.config, datacache.cache_key(self.config, self.model_dir, files))
+        if uri is not None:
+            datacache.fetch(self.s3, uri, self.tokenized_path)
+        return uri
 
     def _load_data(self) -> None:
         """Tokenizer and data before the model: a bad dataset fails before the model loads.
@@ -224,6 +261,7 @@ class LoRAFineTuneRecipe:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from kubetune.trainer import datacache
         from kubetune.trainer.data import prepare_datasets
 
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per rank is noise in pod logs
@@ -232,14 +270,23 @@ class LoRAFineTuneRecipe:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # padding is masked out of the loss anyway
         self.pad_id = self.tokenizer.pad_token_id
         config = self.config
-        datasets = prepare_datasets(
-            self.data_path, _validation_path(self.data_path) if config.dataset.validation_uri else None,
-            self.tokenizer, config.dataset, config.training.sequence_length, config.training.seed,
-        )
+        datasets = datacache.load(self.tokenized_path) if self.tokenized_path.is_file() else None
+        if datasets is not None and self.topo.is_main:
+            log.info("tokenized data from %s (made by an earlier run of this job from the same inputs)",
+                     self.tokenized_uri)
+        if datasets is None:
+            datasets = prepare_datasets(
+                self.data_path, _validation_path(self.data_path) if config.dataset.validation_uri else None,
+                self.tokenizer, config.dataset, config.training.sequence_length, config.training.seed,
+                retention_path=self.retention_path, evaluation=config.evaluation,
+            )
+            if self.topo.is_main and self.tokenized_uri:
+                self.tokenized_upload = datacache.store(self.s3, self.tokenized_uri, datasets, self.workdir / "upload")
         if self.topo.is_main:
             for note in datasets.notes:  # truncated / dropped examples, counted
                 log.info("%s", note)
         self.train_set, self.validation_set = datasets.train, datasets.validation
+        self.retention_set = datasets.retention
         self.plan = _plan_steps(config, self.topo, self.train_set, self.accumulation)
         if self.metrics:  # "0/150" in `kubectl get ftj` while the model loads
             self.metrics.total_steps.set(self.plan.total_steps)
@@ -297,12 +344,16 @@ class LoRAFineTuneRecipe:
                 self.s3, output.checkpoint_uri, output.keep_checkpoints, self.workdir / "checkpoints",
                 topo.rank, topo.local_rank, local_world_size(), on_upload=on_upload,
             )
-            self.resumed = self.checkpointer.resume(self.engine)
+            with self.stopwatch.phase("checkpoints"):
+                self.resumed = self.checkpointer.resume(self.engine)
         if self.resumed is None:
-            self.initial_eval = self.evaluate()
+            self.retention_before = self.evaluate(self.retention_set)
+            if self.config.evaluation.at_start:
+                self.initial_eval = self.evaluate()
         else:
-            self.initial_eval = self.resumed.trainer_state["initialEvalLoss"]
-            self.progress = Progress.from_state(self.resumed.trainer_state)
+            state = self.resumed.trainer_state
+            self.initial_eval, self.retention_before = state["initialEvalLoss"], state.get("retentionLossBefore")
+            self.progress = Progress.from_state(state)
             if self.metrics:
                 self.metrics.step.set(self.progress.steps)
                 self.metrics.epoch.set(self.progress.epoch)
@@ -334,6 +385,8 @@ class LoRAFineTuneRecipe:
         self.seconds_before = self.progress.seconds
         self.engine.train()
         previous = _handle_sigterm(self._on_sigterm)
+        # The loop's evaluations and checkpoint saves are timed as such; the rest is training.
+        elsewhere = self.stopwatch.seconds["evaluation"] + self.stopwatch.seconds["checkpoints"]
         try:
             for epoch in range(start.epoch, self.config.training.epochs):
                 if self.progress.steps >= self.plan.total_steps or self._train_epoch(epoch, start):
@@ -346,6 +399,8 @@ class LoRAFineTuneRecipe:
             _handle_sigterm(previous)
             self.bar.close()
             self.progress.seconds = self.seconds_before + time.perf_counter() - self.started
+            inside = self.stopwatch.seconds["evaluation"] + self.stopwatch.seconds["checkpoints"] - elsewhere
+            self.stopwatch.seconds["training"] += time.perf_counter() - self.started - inside
 
     def _train_epoch(self, epoch: int, start: Any) -> bool:
         """One epoch (from the saved batch, when resuming into it); True when maxSteps is reached."""
@@ -419,14 +474,18 @@ class LoRAFineTuneRecipe:
             progress.steps, epoch, index + 1)
         if self.checkpointer and (epoch_end or last or (every and progress.steps % every == 0)):
             progress.seconds = self.seconds_before + time.perf_counter() - self.started
-            self.checkpointer.save(self.engine, self.position, progress.to_state(self.initial_eval),
-                                   {"window": self.window.tolist()})
+            with self.stopwatch.phase("checkpoints"):
+                self.checkpointer.save(self.engine, self.position, self._trainer_state(),
+                                       {"window": self.window.tolist()})
         self.on_step_end(progress.steps)
         # 7. Stop at maxSteps, possibly mid-epoch.
         return last
 
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step and its checkpoint; a subclass may act on it."""
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return self.progress.to_state(self.initial_eval, self.retention_before)
 
     def _on_sigterm(self, _signum: int, _frame: Any) -> None:
         """torchrun passed on the pod's SIGTERM. With checkpoints: only note it (the step ends,
@@ -448,7 +507,7 @@ class LoRAFineTuneRecipe:
         elif self.resumed is not None and progress.steps == self.resumed.position.step:
             how = (f"with a checkpoint ({self.checkpointer.step_uri(progress.steps)}, the one it resumed from): "
                    "a restart resumes from it")
-        elif self.checkpointer.save_now(self.engine, self.position, progress.to_state(self.initial_eval),
+        elif self.checkpointer.save_now(self.engine, self.position, self._trainer_state(),
                                         {"window": self.window.tolist()}):
             how = f"with a checkpoint ({self.checkpointer.step_uri(progress.steps)}): a restart resumes from it"
         else:
@@ -506,24 +565,48 @@ class LoRAFineTuneRecipe:
         if self.topo.is_main:
             log.info("epoch=%d step=%d eval_loss=%.4f", epoch + 1, self.progress.steps, eval_loss)
 
-    def evaluate(self) -> float | None:
-        return _evaluate(self.engine, self.validation_set, self.config, self.topo, self.device, self.pad_id)
+    def evaluate(self, examples: list | None = None) -> float | None:
+        """Token-weighted mean loss on ``examples`` (the validation set by default), all ranks together."""
+        with self.stopwatch.phase("evaluation"):
+            return _evaluate(self.engine, self.validation_set if examples is None else examples, self.config,
+                             self.topo, self.device, self.pad_id)
 
     # ---- finish, save, publish -------------------------------------------------------------
     def finish_training(self) -> None:
-        """Final evaluation and the quality gate: above it every rank raises the same error,
-        so every worker exits 1 with the reason, and nothing is published."""
+        """Final evaluations and the quality gate: above it every rank raises the same error,
+        so every worker exits 79 with the reason, and nothing is published."""
         self.final_eval = self.evaluate()
+        self.retention_after = self.evaluate(self.retention_set)
         if self.metrics and self.final_eval is not None:
             self.metrics.eval_loss.set(self.final_eval)
         if self.checkpointer:
-            self.checkpointer.finish()
+            with self.stopwatch.phase("checkpoints"):
+                self.checkpointer.finish()
         if self.topo.is_main and self.final_eval is not None:
             log.info("final eval_loss=%.6f", self.final_eval)
-        gate = self.config.quality_gate.max_eval_loss
-        if gate is not None and self.final_eval is not None and self.final_eval > gate:
+        if self.topo.is_main and self.retention_after is not None:
+            log.info("retention loss %s before training, %.6f after", _fmt(self.retention_before),
+                     self.retention_after)
+        gate = self.config.quality_gate
+        if gate.max_eval_loss is not None and self.final_eval is not None and self.final_eval > gate.max_eval_loss:
+            raise QualityGateError(f"eval loss {self.final_eval:.4f} > qualityGate.maxEvalLoss "
+                                   f"{gate.max_eval_loss:g}: adapter not published")
+        self._check_retention(gate.max_retention_loss_increase)
+
+    def _check_retention(self, allowed: float | None) -> None:
+        before, after = self.retention_before, self.retention_after
+        if allowed is None or after is None:
+            return
+        if before is None:  # resumed from a checkpoint that predates the retention loss
+            if self.topo.is_main:
+                log.warning("qualityGate.maxRetentionLossIncrease not checked: the base model's retention loss "
+                            "was not recorded by the checkpoint this run resumed from")
+            return
+        if after - before > allowed:
             raise QualityGateError(
-                f"eval loss {self.final_eval:.4f} > qualityGate.maxEvalLoss {gate:g}: adapter not published")
+                f"retention loss rose {after - before:.4f} ({before:.4f} before training, {after:.4f} after) > "
+                f"qualityGate.maxRetentionLossIncrease {allowed:g}: the adapter forgets what the base model knew "
+                f"(try a lower training.learningRate, fewer epochs or a smaller lora.r); adapter not published")
 
     def save_adapter(self) -> None:
         """Under ZeRO-3 each rank holds a slice of every LoRA tensor: all ranks enter
@@ -547,6 +630,7 @@ class LoRAFineTuneRecipe:
 
         results = None
         progress = self.progress
+        peak_memory = _peak_memory_all_ranks(self.device)  # a collective: before rank 0 goes on alone
         if self.topo.is_main:
             results = {
                 "steps": progress.steps,
@@ -556,18 +640,25 @@ class LoRAFineTuneRecipe:
                 "finalLoss": progress.last_loss,
                 "initialEvalLoss": self.initial_eval,
                 "evalLoss": self.final_eval,
+                "retentionLossBefore": self.retention_before,
+                "retentionLossAfter": self.retention_after,
                 "evalHistory": progress.evals,
                 "lossHistory": progress.history,
                 "tokens": progress.tokens,
                 "positions": progress.positions,
                 "trainSeconds": round(progress.seconds, 3),
                 "worldSize": self.topo.world_size,
+                "peakMemoryBytes": peak_memory,
                 "resumedFromStep": self.resumed.position.step if self.resumed else None,
             }
-            published = publish_adapter(self.s3, self.adapter_dir, self.config, results)
-            results = {**results, "manifestSha256": published.sha256}
+            # The time to adapter goes in as the manifest is written: the publish's own time included.
+            published = publish_adapter(self.s3, self.adapter_dir, self.config, results,
+                                        on_manifest=lambda manifest: manifest["results"].update(
+                                            timeToAdapter=self.stopwatch.summary()))
+            results = {**published.manifest["results"], "manifestSha256": published.sha256}
             log.info("done steps=%d final_loss=%.4f eval_loss=%s adapter=%s", progress.steps, progress.last_loss,
                      _fmt(self.final_eval), self.config.output.adapter_uri)
+            log.info("%s", describe(results["timeToAdapter"]))
         torch.distributed.barrier()
         return results
 
@@ -576,6 +667,8 @@ class LoRAFineTuneRecipe:
         drop the downloads once done."""
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if self.tokenized_upload is not None:
+            self.tokenized_upload.join(timeout=60)  # its file is in the scratch folder removed next
         if self.topo.is_node_main:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -606,6 +699,20 @@ def _handle_sigterm(handler: Any) -> Any:
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+
+
+def _peak_memory_all_ranks(device: torch.device) -> int:
+    """The most memory any rank held at once: on a GPU what torch allocated there, on a CPU the
+    process's peak resident set (what a pod's memory limit is measured against)."""
+    import resource
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    found = torch.tensor([float(peak)], dtype=torch.float64)
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+    return int(found.item())
 
 
 def _any_rank(flag: bool) -> bool:
@@ -729,7 +836,8 @@ def _plan_steps(config: TrainerConfig, topo: Topology, train_set: list, accumula
     return StepPlan(steps_per_epoch, total)
 
 
-def _download_inputs(s3: Any, config: TrainerConfig, model_dir: Path, data_path: Path) -> None:
+def _download_inputs(s3: Any, config: TrainerConfig, model_dir: Path, data_path: Path,
+                     retention_path: Path | None) -> None:
     from kubetune.trainer.s3 import download_file, download_prefix
 
     started = time.perf_counter()
@@ -738,6 +846,8 @@ def _download_inputs(s3: Any, config: TrainerConfig, model_dir: Path, data_path:
     download_file(s3, config.dataset.uri, data_path)
     if config.dataset.validation_uri:
         download_file(s3, config.dataset.validation_uri, _validation_path(data_path))
+    if retention_path is not None and config.evaluation.retention_uri:
+        download_file(s3, config.evaluation.retention_uri, retention_path)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(
             f"{config.model.uri} has no config.json: model.uri must be a folder written by "

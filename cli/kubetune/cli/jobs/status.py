@@ -86,6 +86,8 @@ def summary(job: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
         "etaSeconds": progress.get("etaSeconds"),
         "loss": loss if loss is not None else progress.get("loss"),
         "evalLoss": results.get("evalLoss"),
+        "retentionLossBefore": results.get("retentionLossBefore"),
+        "retentionLossAfter": results.get("retentionLossAfter"),
         "tokensPerSecond": progress.get("tokensPerSecond"),
         "restarts": status.get("restarts") or 0,
         "backoffLimit": (spec.get("runPolicy") or {}).get("backoffLimit", DEFAULT_BACKOFF_LIMIT),
@@ -143,6 +145,9 @@ def render(job: dict[str, Any], *, colour: bool = False, fancy: bool = True, now
         if s["evalLoss"] is not None:
             loss += f"   eval {_number(s['evalLoss'])}"
         rows.append(("Loss", loss))
+    if s["retentionLossAfter"] is not None:  # spec.evaluation.retentionUri: what the adapter forgot
+        rows.append(("Retention", f"{_number(s['retentionLossBefore'])} before, {_number(s['retentionLossAfter'])} "
+                                  "after training"))
     if s["tokensPerSecond"] is not None:
         last = " (last logged step)" if s["phase"] in ("Succeeded", "Failed") else ""
         rows.append(("Speed", f"{s['tokensPerSecond']:,.0f} tokens/s{last}"))
