@@ -87,7 +87,7 @@ chart: install ## Regenerate the chart's README and values.schema.json descripti
 lint: install ## Static checks (ruff: unused and undefined names).
 	$(BIN)/ruff check .
 
-bench: install ## Trainer benchmark vs HF Trainer and a bare loop (~45 min; writes BENCHMARKS.md).
+bench: install ## Trainer benchmark vs HF Trainer and a bare loop, text and realistic chat workloads (~2 h; writes BENCHMARKS.md).
 	$(BIN)/python benchmarks/trainer_bench.py $(BENCH_ARGS)
 
 bench-local: install ## Local cluster benchmark: `local up` time and idle memory vs etcd + apiserver alone (~3 min).
