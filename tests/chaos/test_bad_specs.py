@@ -191,7 +191,8 @@ spec:
     checkpointEverySteps: 20
     keepCheckpoints: 3
     overwrite: true
-  qualityGate: {maxEvalLoss: 2.5}
+  evaluation: {atStart: true, retentionUri: s3://datasets/general.jsonl, retentionTextField: body}
+  qualityGate: {maxEvalLoss: 2.5, maxRetentionLossIncrease: 0.05}
   storage: {endpoint: "http://minio.minio.svc:9000", region: eu-west-1, credentialsSecret: s3-credentials}
   runPolicy:
     suspend: false
