@@ -71,6 +71,8 @@ def _uploading(s3, prefix: str) -> int | None:
     complete: set[str] = set()
     for obj in s3.list_objects_v2(Bucket="adapters", Prefix=prefix).get("Contents", []):
         folder, _, file = obj["Key"][len(prefix):].partition("/")
+        if not folder.startswith("step-"):
+            continue  # tokenized/: the examples kept for restarts, no checkpoint
         if file == "COMPLETE":
             complete.add(folder)
         else:
