@@ -47,7 +47,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from workload import LLAMA2_VOCABULARY, LLAMA3_VOCABULARY, Workload, build, evaluate  # noqa: E402
 
-from kubetune.trainer.timings import PHASES  # noqa: E402
+from kubetune.trainer.timings import describe  # noqa: E402
 
 CONTENDERS = ["kubetune", "hf_group_by_length", "bare", "hf_flatten", "hf_default"]
 HF_VARIANTS = {"hf_default": "default", "hf_group_by_length": "group_by_length", "hf_flatten": "flatten"}
@@ -287,10 +287,8 @@ def _write_table(markdown: Path, report: dict, begin: str = TABLE_BEGIN, end: st
     if rounds:
         lines += ["", "Tokens/s of every round (the table keeps each contender's fastest): " + "; ".join(rounds) + "."]
     breakdown = runs.get("kubetune", {}).get("timeToAdapter")
-    if breakdown:  # in the order a job meets them (the manifest sorts its keys)
-        order = [*PHASES, "other"]
-        lines += ["", f"kubetune's time to adapter, {breakdown['totalSeconds']:.1f} s: " + ", ".join(
-            f"{name} {breakdown[f'{name}Seconds']:.1f} s" for name in order if f"{name}Seconds" in breakdown) + "."]
+    if breakdown:
+        lines += ["", f"kubetune's {describe(breakdown)}."]
     lines += ["", f"Evaluation loss of the base model before training: {report['baseEvalLoss']:.3f}.", "", end]
     text = markdown.read_text() if markdown.is_file() else ""
     if begin not in text:

@@ -89,10 +89,15 @@ def prepare_datasets(
                            dataset, sequence_length, notes)
     retention: list[Example] = []
     if retention_path is not None and evaluation is not None and evaluation.retention_uri:
-        # Read as text whatever the training format is: general text, every token counted.
-        as_text = Dataset(uri=evaluation.retention_uri, format="text", text_field=evaluation.retention_text_field)
-        retention = _load(retention_path, evaluation.retention_uri, tokenizer, as_text, sequence_length, notes)
+        retention = _load(retention_path, evaluation.retention_uri, tokenizer, retention_dataset(evaluation),
+                          sequence_length, notes)
     return Datasets(train, validation, notes, retention)
+
+
+def retention_dataset(evaluation: Evaluation) -> Dataset:
+    """How evaluation.retentionUri is read: as text whatever the training format is (general
+    text, every token counted)."""
+    return Dataset(uri=evaluation.retention_uri, format="text", text_field=evaluation.retention_text_field)
 
 
 def _load(

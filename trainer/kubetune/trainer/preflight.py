@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.api.spec import Dataset
 from kubetune.trainer.errors import ConfigError, TrainerError
 from kubetune.trainer.s3 import (
     copy_object, delete_object, delete_prefix, download_file, head, join_uri, list_keys, make_client, parse_s3_uri,
@@ -44,6 +43,7 @@ from kubetune.trainer.s3 import (
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+    from kubetune.api.spec import Dataset
     from kubetune.api.trainer_config import TrainerConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -184,9 +184,11 @@ def _check_validation(state: _Run) -> str:
 
 
 def _check_retention(state: _Run) -> str:
+    from kubetune.trainer.data import retention_dataset
+
     evaluation = state.config.evaluation
-    as_text = Dataset(uri=evaluation.retention_uri, format="text", text_field=evaluation.retention_text_field)
-    return _check_data_file(state, evaluation.retention_uri, as_text, purpose="evaluate for retention")
+    return _check_data_file(state, evaluation.retention_uri, retention_dataset(evaluation),
+                            purpose="evaluate for retention")
 
 
 def _check_data_file(state: _Run, uri: str, dataset: Dataset | None = None, purpose: str = "train on") -> str:

@@ -58,6 +58,7 @@ class Stopwatch:
 
 
 def describe(summary: dict[str, float]) -> str:
-    """One log line: ``time to adapter 172.3s: startup 12.1s, download 3.2s, ...``."""
-    parts = [f"{key.removesuffix('Seconds')} {value:.1f}s" for key, value in summary.items() if key != "totalSeconds"]
+    """One log line: ``time to adapter 172.3s: startup 12.1s, download 3.2s, ...``, phases in the
+    order a job meets them whatever the order of ``summary`` (a manifest's keys are sorted)."""
+    parts = [f"{name} {summary[f'{name}Seconds']:.1f}s" for name in (*PHASES, "other") if f"{name}Seconds" in summary]
     return f"time to adapter {summary['totalSeconds']:.1f}s: " + ", ".join(parts)
