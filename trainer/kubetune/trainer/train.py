@@ -247,11 +247,12 @@ class LoRAFineTuneRecipe:
         from kubetune.trainer import datacache
 
         self.tokenized_path.unlink(missing_ok=True)  # a killed run's, in a reused scratch folder
+        if not self.config.output.checkpoint_uri:
+            return None  # nowhere to keep them: not worth reading the whole dataset for a key
         files = [path for path in (self.data_path, _validation_path(self.data_path), self.retention_path)
                  if path is not None and path.is_file()]
         uri = datacache.cache_uri(self.config, datacache.cache_key(self.config, self.model_dir, files))
-        if uri is not None:
-            datacache.fetch(self.s3, uri, self.tokenized_path)
+        datacache.fetch(self.s3, uri, self.tokenized_path)
         return uri
 
     def _load_data(self) -> None:
