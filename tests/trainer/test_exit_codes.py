@@ -219,3 +219,30 @@ def _config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
     return path
+
+
+def test_a_download_that_fails_while_the_process_starts_up_ends_the_job_with_its_own_error(
+    moto_endpoint: str, s3_client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unused_port,
+) -> None:
+    """The downloads run in a thread while the process joins its peers and imports the model
+    libraries: what they raise is still the job's error, with its code, and the process leaves
+    its group and its scratch folder."""
+    import torch
+
+    from kubetune.trainer.train import run
+
+    s3_client.create_bucket(Bucket="not-a-model")
+    s3_client.put_object(Bucket="not-a-model", Key="base/model.safetensors", Body=b"weights only")
+    s3_client.put_object(Bucket="not-a-model", Key="train.jsonl", Body=b'{"text": "one"}\n')
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(unused_port()), "KUBETUNE_WORKDIR": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    config = parse_config({**CONFIG, "model": {"uri": "s3://not-a-model/base/"},
+                           "dataset": {"uri": "s3://not-a-model/train.jsonl"},
+                           "storage": {"endpoint": moto_endpoint}, "metrics": {"port": 0}})
+
+    with pytest.raises(ConfigError, match=r"s3://not-a-model/base/ has no config\.json") as raised:
+        run(config)
+    assert raised.value.exit_code == ExitCode.INVALID_CONFIG
+    assert not torch.distributed.is_initialized()
+    assert not any((tmp_path / "kubetune").glob("*/node-0")), list(tmp_path.rglob("*"))

@@ -173,7 +173,9 @@ def test_lora_training_publishes_an_adapter_that_changes_the_model(
     timings = results["timeToAdapter"]
     phases = ["startup", "download", "tokenize", "modelLoad", "evaluation", "training", "checkpoints", "publish"]
     assert set(timings) == {"totalSeconds", *(f"{phase}Seconds" for phase in phases), "otherSeconds"}
-    assert all(timings[f"{phase}Seconds"] > 0 for phase in phases if phase != "checkpoints"), timings
+    # The download may end before the imports that run beside it: then it adds nothing.
+    assert all(timings[f"{phase}Seconds"] > 0 for phase in phases if phase not in ("download", "checkpoints")), timings
+    assert timings["downloadSeconds"] >= 0, timings
     assert (timings["checkpointsSeconds"] > 0) == (zero_stage == 2), timings
     assert sum(value for key, value in timings.items() if key != "totalSeconds") == pytest.approx(
         timings["totalSeconds"], abs=0.05)

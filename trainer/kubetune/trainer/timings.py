@@ -16,8 +16,10 @@ import psutil
 
 PHASES = ("startup", "download", "tokenize", "modelLoad", "evaluation", "training", "checkpoints", "publish")
 """In the order a job meets them. ``startup`` is the process's start until it has joined the
-process group (Python, torch and DeepSpeed imports, the rendezvous); ``training`` is the loop
-without the evaluations and checkpoint saves inside it, which count under their own names."""
+process group and imported what loads the model (Python, torch, DeepSpeed, transformers and peft
+imports, the rendezvous); the downloads run meanwhile, and ``download`` is what is left of them
+after that. ``training`` is the loop without the evaluations and checkpoint saves inside it,
+which count under their own names."""
 
 
 class Stopwatch:

@@ -15,9 +15,10 @@ Every worker pod of a FineTuneJob runs this. Launch commands (the operator rende
 The recipe (``LoRAFineTuneRecipe``, one method per stage, in this order):
 
   __init__ read + check the config (before any network, so mistakes fail fast)
-  setup    join the process group (gloo on CPU, nccl on GPU; collectives time out in minutes)
-           -> every node's local rank 0 downloads model + data (pods share no filesystem), and
-              the tokenized examples a run of this job already made, if any (datacache.py)
+  setup    every node's local rank 0 downloads model + data (pods share no filesystem), and
+              the tokenized examples a run of this job already made, if any (datacache.py),
+              in a thread, while every process joins the process group (gloo on CPU, nccl on
+              GPU; collectives time out in minutes) and imports transformers and peft
            -> load model and tokenizer, wrap with LoRA -> tokenize -> DeepSpeed engine
            -> with output.checkpointUri: resume from the newest complete checkpoint
               (checkpoint.py: DeepSpeed state, data position, RNG states)
@@ -67,6 +68,8 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -206,11 +209,15 @@ class LoRAFineTuneRecipe:
     def setup(self) -> None:
         from kubetune.trainer.s3 import make_client
 
-        self._join_process_group()
-        self.stopwatch.mark_started_up()
         self.s3 = make_client(self.config.storage)
-        with self.stopwatch.phase("download"):
-            self._download()
+        # Neither needs the other: the downloads run while this process imports DeepSpeed,
+        # waits for its peers and imports transformers and peft (~6 s on 2 cores).
+        downloads = self._start_downloads()
+        self._join_process_group()
+        _import_model_libraries()
+        self.stopwatch.mark_started_up()
+        with self.stopwatch.phase("download"):  # what is left of it
+            self._finish_downloads(downloads)
         with self.stopwatch.phase("tokenize"):
             self._load_data()
         with self.stopwatch.phase("modelLoad"):
@@ -230,15 +237,25 @@ class LoRAFineTuneRecipe:
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    timeout=collective_timeout())
 
-    def _download(self) -> None:
-        """Pods share no filesystem, so the first process of EVERY node downloads; the others
-        wait at the barrier (which also waits for all nodes)."""
+    def _start_downloads(self) -> Future | None:
+        """Pods share no filesystem, so the first process of EVERY node downloads, in a thread
+        of its own; the other processes download nothing."""
         self.model_dir, self.data_path = self.workdir / "model", self.workdir / "data" / "train.jsonl"
         self.retention_path = self.data_path.with_name("retention") if self.config.evaluation.retention_uri else None
         self.tokenized_path, self.tokenized_uri = self.data_path.with_name("tokenized.pt"), None
-        if self.topo.is_node_main:
-            _download_inputs(self.s3, self.config, self.model_dir, self.data_path, self.retention_path)
-            self.tokenized_uri = self._fetch_tokenized()
+        if not self.topo.is_node_main:
+            return None
+        return _in_background(self._download_node_inputs, name="kubetune-download")
+
+    def _download_node_inputs(self) -> None:
+        _download_inputs(self.s3, self.config, self.model_dir, self.data_path, self.retention_path)
+        self.tokenized_uri = self._fetch_tokenized()
+
+    def _finish_downloads(self, downloads: Future | None) -> None:
+        """The download's error, if any, is this process's; every process then waits at the
+        barrier until every node has its inputs."""
+        if downloads is not None:
+            downloads.result()
         torch.distributed.barrier()
 
     def _fetch_tokenized(self) -> str | None:
@@ -684,6 +701,29 @@ def _without_shm_comm_op(deepspeed: Any) -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def _import_model_libraries() -> None:
+    """Imported here while the downloads run, rather than later when the tokenizer and the model
+    load and nothing else is left to do."""
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
+def _in_background(work: Callable[[], None], name: str) -> Future:
+    """``work`` in a daemon thread; its result or exception in the future. Not a thread pool:
+    its threads are joined at exit, and a process failing elsewhere should not first wait for a
+    model download to finish."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def collective_timeout() -> timedelta:
