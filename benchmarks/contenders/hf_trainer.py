@@ -46,6 +46,8 @@ def main() -> None:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
                               DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
+    from kubetune.trainer.schedule import lr_lambda
+
     PartialState(backend="gloo")
     world_size = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
@@ -80,7 +82,7 @@ def main() -> None:
         gradient_accumulation_steps=accumulation,
         num_train_epochs=1,
         learning_rate=workload.learning_rate,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type="cosine",  # SameCurve's, in fact
         warmup_steps=workload.warmup_steps,
         weight_decay=0.0,
         max_grad_norm=1.0,
@@ -103,8 +105,20 @@ def main() -> None:
             "zero_force_ds_cpu_optimizer": False,
         },
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=features, data_collator=counter,
-                      callbacks=[clock])
+    class SameCurve(Trainer):
+        """kubetune's learning-rate curve. HF's warm-up starts at 0, so its first step does not
+        move; over the chat workload's 8 steps (4 of warm-up) it would take 20% less of the peak
+        rate in all, and end 0.2 nats higher for that alone. The eval losses compare trainers."""
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, lr_lambda(
+                    workload.warmup_steps, num_training_steps, workload.learning_rate, 0.0))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    trainer = SameCurve(model=model, args=training_args, train_dataset=features, data_collator=counter,
+                        callbacks=[clock])
     trainer.train()
 
     totals = torch.tensor([counter.tokens, counter.positions], dtype=torch.float64)
