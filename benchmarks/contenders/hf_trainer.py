@@ -82,7 +82,7 @@ def main() -> None:
         gradient_accumulation_steps=accumulation,
         num_train_epochs=1,
         learning_rate=workload.learning_rate,
-        lr_scheduler_type="cosine",  # SameCurve's, in fact
+        lr_scheduler_type="cosine",  # not used: SameCurve.create_scheduler below
         warmup_steps=workload.warmup_steps,
         weight_decay=0.0,
         max_grad_norm=1.0,
